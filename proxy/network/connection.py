@@ -1,0 +1,118 @@
+"""A downstream connection as network filters see it (Envoy's ``Network::Connection``).
+
+It wraps the accepted trio stream with the facts filter-chain matching and access logs
+need, and replays bytes that listener filters peeked at before the chain was chosen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from typing import Any
+
+import trio
+
+from proxy.stream_info import StreamInfo
+
+_ids = itertools.count(1)
+
+DEFAULT_BUFFER_LIMIT = 1024 * 1024  # Envoy's per_connection_buffer_limit_bytes default
+
+
+def _sockaddr(addr: Any) -> tuple[str, int]:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return str(addr[0]), int(addr[1])
+    return (str(addr), 0)
+
+
+def format_address(addr: tuple[str, int]) -> str:
+    host, port = addr
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+class Connection:
+    """One accepted downstream connection."""
+
+    __slots__ = (
+        "stream",
+        "socket",
+        "id",
+        "local_address",
+        "remote_address",
+        "requested_server_name",
+        "transport_protocol",
+        "application_protocols",
+        "buffer_limit",
+        "stream_info",
+        "_prebuffer",
+        "_closed",
+    )
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        *,
+        buffer_limit: int = DEFAULT_BUFFER_LIMIT,
+        connection_id: int | None = None,
+    ) -> None:
+        self.stream = stream
+        self.socket = stream.socket
+        self.id = connection_id if connection_id is not None else next(_ids)
+        self.local_address = _sockaddr(self.socket.getsockname())
+        try:
+            self.remote_address = _sockaddr(self.socket.getpeername())
+        except OSError:
+            self.remote_address = ("0.0.0.0", 0)
+        self.requested_server_name: str | None = None
+        self.transport_protocol = "raw_buffer"
+        self.application_protocols: tuple[str, ...] = ()
+        self.buffer_limit = buffer_limit
+        self.stream_info = StreamInfo(
+            downstream_local_address=format_address(self.local_address),
+            downstream_remote_address=format_address(self.remote_address),
+            downstream_direct_remote_address=format_address(self.remote_address),
+            connection_id=self.id,
+        )
+        self._prebuffer = b""
+        self._closed = False
+
+    def unread(self, data: bytes) -> None:
+        """Give back bytes a listener filter peeked at; the next receive returns them first."""
+        self._prebuffer = data + self._prebuffer
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        if self._prebuffer:
+            data, self._prebuffer = self._prebuffer, b""
+            return data
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self.stream.aclose()
+
+    def abort(self) -> None:
+        """Close with RST (SO_LINGER 0), as Envoy does on a protocol error reset."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        except OSError:
+            pass
+        self.socket.close()

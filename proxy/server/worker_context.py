@@ -1,0 +1,26 @@
+"""What a worker's connections share: its snapshot, cluster manager, stats and drain state."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from proxy.server.drain_manager import DrainManager
+from proxy.stats import Store
+
+if TYPE_CHECKING:
+    from proxy.config.snapshot import Snapshot
+    from proxy.upstream.cluster_manager import ClusterManager
+
+
+@dataclass
+class WorkerContext:
+    """One per worker process; every connection the worker accepts gets it."""
+
+    cluster_manager: ClusterManager
+    snapshot: Snapshot | None = None
+    index: int = 0
+    stats: Store = field(default_factory=Store)
+    drain: DrainManager = field(default_factory=DrainManager)
+    rng: random.Random = field(default_factory=random.Random)
