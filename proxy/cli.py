@@ -1,0 +1,61 @@
+"""``trioxy``: one proxy epoch. Envoy's flags; exit codes named in ``ExitCode``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from proxy import __version__
+from proxy.server.options import ExitCode, Mode, UsageError, parse_options
+
+log = logging.getLogger("trioxy.main")
+
+HOT_RESTART_VERSION = "trioxy.hr.1"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        opts, ns = parse_options(argv)
+    except UsageError as exc:
+        print(f"trioxy: {exc}", file=sys.stderr)
+        return ExitCode.USAGE_ERROR
+    if ns.version:
+        print(f"trioxy {__version__}")
+        return ExitCode.OK
+    if ns.hot_restart_version:
+        print(HOT_RESTART_VERSION)
+        return ExitCode.OK
+
+    from proxy.server.logging_setup import setup_logging
+
+    setup_logging(opts.log_level, "main")
+    from proxy.config.bootstrap import default_bootstrap_path, load_bootstrap
+    from proxy.config.errors import ConfigError
+    from proxy.config.snapshot import build_snapshot
+
+    config_path = opts.config_path
+    if config_path is None and opts.config_yaml is None:
+        config_path = str(default_bootstrap_path())
+        log.info("no -c/--config-path given: using the embedded default config %s", config_path)
+    try:
+        bootstrap = load_bootstrap(config_path, opts.config_yaml)
+        snapshot = build_snapshot(bootstrap)
+    except ConfigError as exc:
+        where = config_path or "--config-yaml"
+        print(f"trioxy: invalid configuration {where}: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    except OSError as exc:
+        print(f"trioxy: cannot read configuration: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    if opts.mode is Mode.VALIDATE:
+        print(f"configuration '{config_path or '--config-yaml'}' OK")
+        return ExitCode.OK
+
+    from proxy.server.instance import serve
+
+    return serve(opts, snapshot, bootstrap)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""``trioxy-agent``: the pilot-agent role. Launches proxy epochs and relays signals.
+
+A thin shell around ``Restarter``: it reads signals with ``trio.open_signal_receiver``,
+turns each into an event for the policy, and performs the actions the policy returns.
+Every flag it does not know is passed to each epoch unchanged (trioxy's own flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import trio
+
+from supervisor.restarter import Action, Exit, Log, Restarter, SignalEpoch, SpawnEpoch
+
+log = logging.getLogger("trioxy.agent")
+
+_SIGNALS = {
+    signal.SIGHUP: "HUP",
+    signal.SIGTERM: "TERM",
+    signal.SIGINT: "INT",
+    signal.SIGQUIT: "QUIT",
+    signal.SIGUSR1: "USR1",
+}
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(
+        prog="trioxy-agent",
+        description="Supervise trioxy epochs; every other flag is passed to trioxy.",
+    )
+    p.add_argument("-l", "--log-level", default="info")
+    ns, rest = p.parse_known_args(argv)
+    return ns, rest + ["--log-level", ns.log_level]
+
+
+class Agent:
+    def __init__(self, epoch_args: list[str]) -> None:
+        self.epoch_args = epoch_args
+        self.policy = Restarter()
+        self.procs: dict[int, Any] = {}
+        self.exit_code: int | None = None
+
+    async def _run_epoch(self, epoch: int, delay_s: float) -> None:
+        if delay_s:
+            await trio.sleep(delay_s)
+        argv = [sys.executable, "-m", "proxy.cli", *self.epoch_args, "--restart-epoch", str(epoch)]
+        proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL)
+        self.procs[epoch] = proc
+        log.info("started epoch %d (pid %d)", epoch, proc.pid)
+        rc = await proc.wait()
+        del self.procs[epoch]
+        log.info("epoch %d (pid %d) exited with %d", epoch, proc.pid, rc)
+        self._perform(self.policy.on_epoch_exit(epoch, rc))
+
+    def _perform(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, SpawnEpoch):
+                self.nursery.start_soon(self._run_epoch, a.epoch, a.delay_s)
+            elif isinstance(a, SignalEpoch):
+                proc = self.procs.get(a.epoch)
+                if proc is not None and proc.returncode is None:
+                    proc.send_signal(getattr(signal, "SIG" + a.signal))
+            elif isinstance(a, Exit):
+                self.exit_code = a.code
+                self.nursery.cancel_scope.cancel()
+            elif isinstance(a, Log):
+                log.info("%s", a.message)
+
+    async def run(self) -> int:
+        with trio.open_signal_receiver(*_SIGNALS) as signals:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                self._perform(self.policy.on_start())
+                async for signum in signals:
+                    self._perform(self.policy.on_signal(_SIGNALS[signum]))
+        return self.exit_code or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns, epoch_args = _parse(sys.argv[1:] if argv is None else argv)
+    from proxy.server.logging_setup import setup_logging
+
+    setup_logging(ns.log_level, "agent")
+    return trio.run(Agent(epoch_args).run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
