@@ -8,11 +8,10 @@ are injected.
 
 from __future__ import annotations
 
+import enum
 import random
 import time
 from collections.abc import Callable
-
-import enum
 
 
 class DrainStrategy(enum.Enum):

@@ -170,8 +170,8 @@ class Instance:
                 except ProcessLookupError:
                     pass
 
-    async def _wait_workers(self, timeout: float) -> None:
-        with trio.move_on_after(timeout):
+    async def _wait_workers(self, grace_s: float) -> None:
+        with trio.move_on_after(grace_s):
             for h in self.workers:
                 if h.process is not None:
                     await h.process.wait()
