@@ -200,11 +200,11 @@ def test_failures_carry_envoy_status_and_flags(start_trioxy, py_upstream, tmp_pa
     port = free_port()
     alog = tmp_path / "access.log"
     dead = free_port()
-    routes = f"""
-              - match: {{prefix: "/dead"}}
-                route: {{cluster: dead}}
-              - match: {{prefix: "/slow"}}
-                route: {{cluster: backend, timeout: 0.3s}}"""
+    routes = """
+              - match: {prefix: "/dead"}
+                route: {cluster: dead}
+              - match: {prefix: "/slow"}
+                route: {cluster: backend, timeout: 0.3s}"""
     cfg = hcm_config(port, py_upstream.port, extra_route=routes,
                      access_log=file_access_log(alog, "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS%\\n"))
     cfg += f"""
