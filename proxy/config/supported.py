@@ -1,0 +1,279 @@
+"""What trioxy implements of Envoy's config, as an allowlist; any other set field is refused.
+
+Silently ignoring a config field is a security hole (a ``require_tls`` or an RBAC filter that
+does nothing), so every SET field of the bootstrap, the unpacked ``typed_config`` messages
+included, must be named here. ``check`` walks ``ListFields()`` (so oneofs, repeated fields and
+maps are covered) and raises ``ConfigError(path, "<field> is not supported")`` otherwise.
+
+Theory of operation:
+
+1. ``SUPPORTED`` maps a message full name to the field names trioxy reads from it. A message
+   type absent from the table supports no field at all; an ``Any`` whose type is absent is
+   refused outright, even when empty.
+2. ``SUBSETS`` narrows a message type where one use of it supports less than another:
+   ``(parent type, field name) -> field names``, e.g. the upstream HTTP protocol options allow
+   only ``idle_timeout`` and ``max_requests_per_connection`` of ``HttpProtocolOptions``.
+3. ``MAP_KEYS`` restricts the keys of a map field.
+4. ``WELL_KNOWN`` types (Duration, wrappers, Struct...) are leaves accepted whole.
+
+Whether a supported field's *value* is supported (``codec_type: HTTP3``, ``type: EDS``) is the
+business of the module that compiles it; this table only answers "is the field read at all".
+When unsure whether a field is implemented, leave it out: refused loudly is safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from proxy.config.errors import ConfigError
+
+__all__ = ["MAP_KEYS", "SUBSETS", "SUPPORTED", "WELL_KNOWN", "check"]
+
+
+def _f(*names: str) -> frozenset[str]:
+    return frozenset(names)
+
+
+_HEADERS_ADD_REMOVE = (
+    "request_headers_to_add", "request_headers_to_remove",
+    "response_headers_to_add", "response_headers_to_remove",
+)
+
+SUPPORTED: Mapping[str, frozenset[str]] = {
+    # ---- bootstrap ---------------------------------------------------------------------
+    "envoy.config.bootstrap.v3.Bootstrap": _f(
+        "node", "static_resources", "layered_runtime", "admin"),
+    "envoy.config.bootstrap.v3.Bootstrap.StaticResources": _f("listeners", "clusters"),
+    # Admin is served by a later issue; real configs carry it, so its address and log parse.
+    "envoy.config.bootstrap.v3.Admin": _f("address", "access_log", "access_log_path"),
+    "envoy.config.bootstrap.v3.LayeredRuntime": _f("layers"),
+    # Static layers only: rtds_layer, disk_layer and admin_layer are refused.
+    "envoy.config.bootstrap.v3.RuntimeLayer": _f("name", "static_layer"),
+    "envoy.config.core.v3.Node": _f("id", "cluster", "metadata", "locality"),
+    "envoy.config.core.v3.Locality": _f("region", "zone", "sub_zone"),
+    "envoy.config.core.v3.Metadata": _f("filter_metadata"),
+
+    # ---- addresses ---------------------------------------------------------------------
+    "envoy.config.core.v3.Address": _f("socket_address"),
+    "envoy.config.core.v3.SocketAddress": _f("address", "port_value", "protocol", "ipv4_compat"),
+    "envoy.config.core.v3.CidrRange": _f("address_prefix", "prefix_len"),
+
+    # ---- listeners ---------------------------------------------------------------------
+    "envoy.config.listener.v3.Listener": _f(
+        "name", "address", "filter_chains", "default_filter_chain",
+        "per_connection_buffer_limit_bytes", "stat_prefix",
+        "traffic_direction",  # informational only, as in Envoy without original_dst
+    ),
+    "envoy.config.listener.v3.FilterChain": _f("filter_chain_match", "filters", "name"),
+    "envoy.config.listener.v3.FilterChainMatch": _f(
+        "destination_port", "prefix_ranges", "direct_source_prefix_ranges", "source_type",
+        "source_prefix_ranges", "source_ports", "server_names", "transport_protocol",
+        "application_protocols",
+    ),
+    "envoy.config.listener.v3.Filter": _f("name", "typed_config"),
+
+    # ---- network filter: envoy.filters.network.tcp_proxy --------------------------------
+    "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy": _f(
+        "stat_prefix", "cluster", "weighted_clusters", "idle_timeout", "access_log",
+        "max_connect_attempts",
+    ),
+    "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster": _f("clusters"),
+    "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster.ClusterWeight": _f(
+        "name", "weight"),
+
+    # ---- network filter: envoy.filters.network.http_connection_manager ------------------
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager": _f(
+        "stat_prefix", "codec_type", "route_config", "http_filters", "access_log",
+        "request_headers_timeout", "request_timeout", "stream_idle_timeout",
+        "common_http_protocol_options", "max_request_headers_kb", "use_remote_address",
+        "xff_num_trusted_hops", "generate_request_id", "server_name",
+        "server_header_transformation", "drain_timeout", "delayed_close_timeout",
+        "http_protocol_options", "skip_xff_append", "via", "preserve_external_request_id",
+        "always_set_request_id_in_response",
+    ),
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter": _f(
+        "name", "typed_config"),
+    "envoy.config.core.v3.HttpProtocolOptions": _f(
+        "idle_timeout", "max_headers_count", "max_connection_duration",
+        "max_requests_per_connection",
+    ),
+    # HTTP/1 options: the message may be given (``{}``), none of its knobs are implemented.
+    "envoy.config.core.v3.Http1ProtocolOptions": _f(),
+
+    # ---- HTTP filter: envoy.filters.http.router -----------------------------------------
+    "envoy.extensions.filters.http.router.v3.Router": _f("suppress_envoy_headers", "dynamic_stats"),
+
+    # ---- routes ------------------------------------------------------------------------
+    "envoy.config.route.v3.RouteConfiguration": _f(
+        "name", "virtual_hosts", "validate_clusters", *_HEADERS_ADD_REMOVE),
+    "envoy.config.route.v3.VirtualHost": _f("name", "domains", "routes", *_HEADERS_ADD_REMOVE),
+    "envoy.config.route.v3.Route": _f(
+        "name", "match", "route", "redirect", "direct_response", *_HEADERS_ADD_REMOVE),
+    "envoy.config.route.v3.RouteMatch": _f(
+        "prefix", "path", "safe_regex", "path_separated_prefix", "case_sensitive", "headers",
+        "query_parameters",
+    ),
+    "envoy.config.route.v3.HeaderMatcher": _f(
+        "name", "exact_match", "safe_regex_match", "present_match", "prefix_match",
+        "suffix_match", "contains_match", "string_match", "invert_match",
+        "treat_missing_header_as_empty",
+    ),
+    "envoy.config.route.v3.QueryParameterMatcher": _f("name", "string_match", "present_match"),
+    "envoy.config.route.v3.RouteAction": _f(
+        "cluster", "weighted_clusters", "cluster_header", "prefix_rewrite", "regex_rewrite",
+        "host_rewrite_literal", "auto_host_rewrite", "timeout", "hash_policy",
+    ),
+    "envoy.config.route.v3.WeightedCluster": _f("clusters", "total_weight"),
+    "envoy.config.route.v3.WeightedCluster.ClusterWeight": _f("name", "weight"),
+    "envoy.config.route.v3.RouteAction.HashPolicy": _f(
+        "header", "cookie", "connection_properties", "terminal"),
+    "envoy.config.route.v3.RouteAction.HashPolicy.Header": _f("header_name"),
+    "envoy.config.route.v3.RouteAction.HashPolicy.Cookie": _f("name", "ttl", "path"),
+    "envoy.config.route.v3.RouteAction.HashPolicy.ConnectionProperties": _f("source_ip"),
+    "envoy.config.route.v3.RedirectAction": _f(
+        "https_redirect", "scheme_redirect", "host_redirect", "port_redirect", "path_redirect",
+        "prefix_rewrite", "response_code", "strip_query",
+    ),
+    "envoy.config.route.v3.DirectResponseAction": _f("status", "body"),
+    "envoy.config.core.v3.HeaderValueOption": _f(
+        "header", "append", "append_action", "keep_empty_value"),
+    "envoy.config.core.v3.HeaderValue": _f("key", "value"),
+    "envoy.config.core.v3.DataSource": _f("inline_string", "inline_bytes", "filename"),
+
+    # ---- matchers ----------------------------------------------------------------------
+    "envoy.type.matcher.v3.StringMatcher": _f(
+        "exact", "prefix", "suffix", "contains", "safe_regex", "ignore_case"),
+    "envoy.type.matcher.v3.RegexMatcher": _f("google_re2", "regex"),
+    "envoy.type.matcher.v3.RegexMatcher.GoogleRE2": _f(),  # max_program_size: not implemented
+    "envoy.type.matcher.v3.RegexMatchAndSubstitute": _f("pattern", "substitution"),
+
+    # ---- clusters ----------------------------------------------------------------------
+    "envoy.config.cluster.v3.Cluster": _f(
+        "name", "type", "connect_timeout", "lb_policy", "load_assignment",
+        "per_connection_buffer_limit_bytes", "dns_refresh_rate", "dns_lookup_family",
+        "ring_hash_lb_config", "maglev_lb_config", "least_request_lb_config",
+        "typed_extension_protocol_options", "common_http_protocol_options",
+    ),
+    "envoy.config.cluster.v3.Cluster.RingHashLbConfig": _f(
+        "minimum_ring_size", "maximum_ring_size", "hash_function"),
+    "envoy.config.cluster.v3.Cluster.MaglevLbConfig": _f("table_size"),
+    "envoy.config.cluster.v3.Cluster.LeastRequestLbConfig": _f("choice_count"),
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _f(
+        "common_http_protocol_options", "explicit_http_config"),
+    # HTTP/2 upstreams are a later issue: only http_protocol_options (HTTP/1.1).
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig": _f(
+        "http_protocol_options"),
+
+    # ---- endpoints ---------------------------------------------------------------------
+    "envoy.config.endpoint.v3.ClusterLoadAssignment": _f("cluster_name", "endpoints"),
+    "envoy.config.endpoint.v3.LocalityLbEndpoints": _f(
+        "locality", "lb_endpoints", "load_balancing_weight", "priority"),
+    "envoy.config.endpoint.v3.LbEndpoint": _f("endpoint", "load_balancing_weight"),
+    "envoy.config.endpoint.v3.Endpoint": _f("address", "hostname"),
+
+    # ---- access logs -------------------------------------------------------------------
+    "envoy.config.accesslog.v3.AccessLog": _f("name", "typed_config", "filter"),
+    "envoy.config.accesslog.v3.AccessLogFilter": _f(
+        "status_code_filter", "duration_filter", "response_flag_filter",
+        "not_health_check_filter", "and_filter", "or_filter",
+    ),
+    "envoy.config.accesslog.v3.StatusCodeFilter": _f("comparison"),
+    "envoy.config.accesslog.v3.DurationFilter": _f("comparison"),
+    "envoy.config.accesslog.v3.ComparisonFilter": _f("op", "value"),
+    "envoy.config.core.v3.RuntimeUInt32": _f("default_value", "runtime_key"),
+    "envoy.config.accesslog.v3.ResponseFlagFilter": _f("flags"),
+    "envoy.config.accesslog.v3.NotHealthCheckFilter": _f(),
+    "envoy.config.accesslog.v3.AndFilter": _f("filters"),
+    "envoy.config.accesslog.v3.OrFilter": _f("filters"),
+    "envoy.extensions.access_loggers.file.v3.FileAccessLog": _f(
+        "path", "log_format",
+        "format", "json_format",  # deprecated spellings of log_format, still accepted
+    ),
+    "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog": _f("log_format"),
+    "envoy.extensions.access_loggers.stream.v3.StderrAccessLog": _f("log_format"),
+    "envoy.config.core.v3.SubstitutionFormatString": _f(
+        "text_format", "text_format_source", "json_format", "omit_empty_values"),
+}
+
+# One use of a message type that supports less than the type's entry in SUPPORTED:
+# (parent message full name, field name) -> supported field names of the child.
+_UPSTREAM_HTTP_OPTIONS = _f("idle_timeout", "max_requests_per_connection")
+SUBSETS: Mapping[tuple[str, str], frozenset[str]] = {
+    ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", "common_http_protocol_options"):
+        _UPSTREAM_HTTP_OPTIONS,
+    ("envoy.config.cluster.v3.Cluster", "common_http_protocol_options"): _UPSTREAM_HTTP_OPTIONS,
+    ("envoy.config.core.v3.SubstitutionFormatString", "text_format_source"): _f("inline_string"),
+}
+
+# Map fields whose keys are restricted: (parent full name, field name) -> allowed keys.
+MAP_KEYS: Mapping[tuple[str, str], frozenset[str]] = {
+    ("envoy.config.cluster.v3.Cluster", "typed_extension_protocol_options"):
+        _f("envoy.extensions.upstreams.http.v3.HttpProtocolOptions"),
+}
+
+# Leaves accepted whole (their content is data, not config knobs).
+WELL_KNOWN: frozenset[str] = frozenset(
+    f"google.protobuf.{n}"
+    for n in ("Duration", "Timestamp", "Struct", "Value", "ListValue", "Empty", "DoubleValue",
+              "FloatValue", "Int64Value", "UInt64Value", "Int32Value", "UInt32Value",
+              "BoolValue", "StringValue", "BytesValue")
+)
+
+_ANY = "google.protobuf.Any"
+
+
+def check(msg: Message, path: str = "") -> None:
+    """Raise ConfigError for the first set field of ``msg`` (recursively) not in the table."""
+    _check(msg, path, None)
+
+
+def _check(msg: Message, path: str, allowed: frozenset[str] | None) -> None:
+    desc = msg.DESCRIPTOR
+    name = desc.full_name
+    if name in WELL_KNOWN:
+        return
+    if name == _ANY:
+        _check_any(msg, path)
+        return
+    if allowed is None:
+        allowed = SUPPORTED.get(name, frozenset())
+    for field, value in msg.ListFields():
+        fpath = _join(path, field.name)
+        if field.name not in allowed:
+            raise ConfigError(fpath, f"{field.name} is not supported (in {name})")
+        if field.type != FieldDescriptor.TYPE_MESSAGE:
+            continue
+        subset = SUBSETS.get((name, field.name))
+        if field.is_repeated and field.message_type.GetOptions().map_entry:
+            keys = MAP_KEYS.get((name, field.name))
+            has_messages = (
+                field.message_type.fields_by_name["value"].type == FieldDescriptor.TYPE_MESSAGE)
+            for key in value:
+                kpath = f'{fpath}["{key}"]'
+                if keys is not None and key not in keys:
+                    raise ConfigError(kpath, f"{field.name} key {key!r} is not supported"
+                                      f" (supported: {', '.join(sorted(keys))})")
+                if has_messages:
+                    _check(value[key], kpath, subset)
+        elif field.is_repeated:
+            for i, item in enumerate(value):
+                _check(item, f"{fpath}[{i}]", subset)
+        else:
+            _check(value, fpath, subset)
+
+
+def _check_any(any_msg: Message, path: str) -> None:
+    from proxy.config.bootstrap import unpack_any
+
+    inner = unpack_any(any_msg, path)  # type: ignore[arg-type]
+    name = inner.DESCRIPTOR.full_name
+    if name not in SUPPORTED:
+        raise ConfigError(path, f"type {name} is not supported")
+    _check(inner, path, None)
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
