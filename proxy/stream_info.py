@@ -206,6 +206,8 @@ class StreamInfo:
     first_upstream_tx_byte: float | None = None
     last_downstream_rx_byte: float | None = None
     first_upstream_rx_byte: float | None = None
+    last_upstream_tx_byte: float | None = None
+    last_downstream_tx_byte: float | None = None
     protocol: str | None = None  # "HTTP/1.1", "HTTP/2"; None for tcp_proxy
     response_code: int | None = None
     response_flags: int = 0
@@ -215,6 +217,7 @@ class StreamInfo:
     bytes_received: int = 0
     bytes_sent: int = 0
     upstream_host: str | None = None  # "ip:port"
+    upstream_host_name: str | None = None  # the endpoint's hostname, when it has one
     upstream_cluster: str | None = None
     upstream_local_address: str | None = None
     downstream_local_address: str | None = None  # "ip:port"

@@ -22,6 +22,7 @@ Theory of operation
 from __future__ import annotations
 
 import math
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -328,7 +329,7 @@ class _Session:
 
         def on_upstream_bytes(n: int) -> None:
             if info.first_upstream_rx_byte is None:
-                info.first_upstream_rx_byte = current_time()
+                info.first_upstream_rx_byte = time.monotonic()  # StreamInfo's clock
             info.bytes_sent += n
             tx_total.value += n
             up_rx.value += n

@@ -63,9 +63,9 @@ static_resources:
 def file_access_log(path: Path, fmt: str | None = None) -> str:
     log_format = (
         f"""
-                log_format:
-                  text_format_source:
-                    inline_string: "{fmt}"
+              log_format:
+                text_format_source:
+                  inline_string: "{fmt}"
 """ if fmt else ""
     )
     return f"""          access_log:
@@ -334,12 +334,17 @@ def test_tcp_proxy_relays_both_ways(start_trioxy, tmp_path: Path) -> None:
     echo_port = echo.getsockname()[1]
 
     def serve() -> None:
-        c, _ = echo.accept()
-        with c:
-            data = b""
-            while chunk := c.recv(65536):
-                data += chunk
-            c.sendall(data[::-1])
+        # Every connection, the start-up probe's included, gets its bytes back reversed.
+        while True:
+            try:
+                c, _ = echo.accept()
+            except OSError:
+                return
+            with c:
+                data = b""
+                while chunk := c.recv(65536):
+                    data += chunk
+                c.sendall(data[::-1])
 
     th = threading.Thread(target=serve, daemon=True)
     th.start()

@@ -1,0 +1,570 @@
+"""The HTTP connection manager (``envoy.filters.network.http_connection_manager``), HTTP/1.1.
+
+One ``HttpConnection`` per downstream connection reads requests with the codec, runs each
+as an ``ActiveStream`` through the HTTP filters (router last) and writes the responses.
+
+Theory of operation:
+1. Between requests the connection is idle: the wait for the next request's first byte
+   is bounded by the idle timeout (Envoy's 1 h default) and cancelled by a drain. From the
+   first byte, ``request_headers_timeout`` bounds the head (408).
+2. The request is mutated as Envoy's ConnectionManagerUtility does (x-request-id,
+   x-forwarded-for/-proto, the downstream remote address from XFF), routed once, and handed
+   to the filters. A bodiless request is served without spawning a task; a request with a
+   body runs in a per-stream nursery so its body can go up while the response comes down.
+3. Responses are encoded into a buffer and written by ``flush()``, so a response that fits
+   one upstream read leaves in one downstream write. Every response gets Envoy's ``date``
+   and ``server`` headers; ``Connection: close`` is added when draining, when
+   max_requests_per_connection is reached, or when the request was not read in full.
+4. Malformed requests get the codec's status (400, 413, 431, 501...) with flag DPE and the
+   connection closes after the reply; neighbours on other connections see nothing.
+5. Every stream, however it ends, is access-logged once and counted once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from proxy.http.codec.events import (
+    CodecError,
+    ConnectionClosed,
+    Data,
+    EndOfStream,
+    RequestHeaders,
+    Trailers,
+)
+from proxy.http.codec.h1_fast import Http1ServerCodec
+from proxy.http.conn_manager_config import SERVER_APPEND_IF_ABSENT, SERVER_OVERWRITE
+from proxy.http.filter_manager import FilterManager
+from proxy.http.headers import HeaderMap
+from proxy.stream_info import LOCAL_REPLIES, Outcome, ResponseFlag, StreamInfo
+
+if TYPE_CHECKING:
+    from proxy.http.conn_manager_config import HcmStats, HttpConnectionManagerConfig
+    from proxy.network.connection import Connection
+    from proxy.server.worker_context import WorkerContext
+
+log = logging.getLogger("trioxy.http")
+
+_RECV = 65536
+_date_cache: list[Any] = [0, ""]
+
+
+def http_date() -> str:
+    """The ``date`` header, formatted once per second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = formatdate(now, usegmt=True)
+    return _date_cache[1]
+
+
+def _strip_port(address: str) -> str:
+    if address.startswith("["):
+        return address[1 : address.index("]")]
+    host, _, _ = address.rpartition(":")
+    return host or address
+
+
+class StreamReset(Exception):
+    """The downstream went away (or the stream was reset): unwind the stream."""
+
+
+class HttpConnection:
+    __slots__ = (
+        "config", "conn", "worker", "codec", "stats", "out", "close_after", "abort",
+        "requests", "peer_eof",
+    )
+
+    def __init__(self, config: HttpConnectionManagerConfig, conn: Connection, worker: WorkerContext):
+        self.config = config
+        self.conn = conn
+        self.worker = worker
+        self.codec = Http1ServerCodec(
+            max_request_headers_kb=config.max_request_headers_kb,
+            max_headers_count=config.max_headers_count,
+        )
+        self.stats: HcmStats = config.stats(worker.stats)
+        self.out = bytearray()
+        self.close_after = False  # close once the current response is out
+        self.abort = False  # close with RST (a reset stream)
+        self.requests = 0
+        self.peer_eof = False
+
+    # -- connection loop ------------------------------------------------------------------
+    async def run(self) -> None:
+        stats = self.stats
+        stats.cx_total.inc()
+        stats.cx_http1_total.inc()
+        stats.cx_active.inc()
+        started = time.monotonic()
+        try:
+            deadline = self.config.max_connection_duration
+            with trio.CancelScope(
+                deadline=trio.current_time() + deadline if deadline else float("inf")
+            ):
+                await self._serve()
+        except StreamReset:
+            pass
+        finally:
+            stats.cx_active.dec()
+            stats.cx_destroy.inc()
+            stats.cx_length_ms.record((time.monotonic() - started) * 1000)
+            with trio.CancelScope(shield=True):
+                await self._close()
+
+    async def _serve(self) -> None:
+        codec = self.codec
+        config = self.config
+        while True:
+            try:
+                ev = codec.next_event()
+                if ev is None:
+                    ev = await self._wait_request()
+                    if ev is None:
+                        return
+                if type(ev) is not RequestHeaders:
+                    return  # EOF between requests (ConnectionClosed)
+            except CodecError as exc:
+                await self._protocol_error(exc)
+                return
+            self.requests += 1
+            stream = ActiveStream(self, ev)  # type: ignore[arg-type]
+            await stream.run()
+            if self.abort or self.close_after:
+                return
+            if (
+                config.max_requests_per_connection is not None
+                and self.requests >= config.max_requests_per_connection
+            ):
+                return
+            try:
+                if not codec.start_next_cycle():
+                    return
+            except CodecError as exc:
+                await self._protocol_error(exc)
+                return
+
+    async def _wait_request(self) -> Any:
+        """Read until the next request's headers; None when the connection should close."""
+        codec = self.codec
+        config = self.config
+        worker = self.worker
+        conn = self.conn
+        # Idle: nothing of a next request yet. The idle timeout and a drain end the wait.
+        with trio.CancelScope() as idle:
+            if config.idle_timeout is not None:
+                idle.deadline = trio.current_time() + config.idle_timeout
+            if worker.drain.draining and self.requests:
+                return None
+            worker.idle_waits.add(idle)
+            try:
+                data = await conn.receive_some(_RECV)
+            finally:
+                worker.idle_waits.discard(idle)
+        if idle.cancelled_caught:
+            if not worker.drain.draining:
+                self.stats.cx_idle_timeout.inc()
+            else:
+                self.stats.cx_drain_close.inc()
+            return None
+        codec.receive_data(data)
+        if not data:
+            return None
+        ev = codec.next_event()
+        if ev is not None:
+            return ev
+        timeout = config.request_headers_timeout
+        with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
+            while ev is None:
+                data = await conn.receive_some(_RECV)
+                codec.receive_data(data)
+                ev = codec.next_event()
+        if scope.cancelled_caught:
+            self.stats.rq_header_timeout.inc()
+            info = self._connection_stream_info()
+            info.apply_local_reply(LOCAL_REPLIES[Outcome.REQUEST_HEADERS_TIMEOUT])
+            reply = LOCAL_REPLIES[Outcome.REQUEST_HEADERS_TIMEOUT]
+            await self._raw_reply(reply.status, reply.body.encode(), info)
+            return None
+        return ev
+
+    async def _protocol_error(self, exc: CodecError) -> None:
+        """A request we cannot parse: the codec's status, flag DPE, then close."""
+        self.stats.cx_protocol_error.inc()
+        info = self._connection_stream_info()
+        info.set_response_flag(ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR)
+        info.response_code_details = exc.details
+        body = LOCAL_REPLIES[Outcome.DOWNSTREAM_PROTOCOL_ERROR].body.encode()
+        if exc.status == 431:
+            body = LOCAL_REPLIES[Outcome.REQUEST_HEADERS_TOO_LARGE].body.encode()
+        await self._raw_reply(exc.status, body, info)
+
+    async def _raw_reply(self, status: int, body: bytes, info: StreamInfo) -> None:
+        """A reply outside any stream (the request never parsed): always closes."""
+        self.close_after = True
+        info.response_code = status
+        info.bytes_sent = len(body)
+        info.protocol = "HTTP/1.1"
+        if not self.codec.response_started:
+            data = Http1ServerCodec.error_response(status, body)
+            try:
+                await self.conn.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                info.set_response_flag(ResponseFlag.DOWNSTREAM_CONNECTION_TERMINATION)
+        self.stats.on_response_code(status)
+        info.on_complete()
+        for access_log in self.config.access_logs:
+            access_log.log(info)
+
+    def _connection_stream_info(self) -> StreamInfo:
+        c = self.conn.stream_info
+        return StreamInfo(
+            downstream_local_address=c.downstream_local_address,
+            downstream_remote_address=c.downstream_remote_address,
+            downstream_direct_remote_address=c.downstream_direct_remote_address,
+            requested_server_name=c.requested_server_name,
+            connection_id=c.connection_id,
+        )
+
+    async def flush(self) -> None:
+        if self.out:
+            data = bytes(self.out)
+            self.out.clear()
+            try:
+                await self.conn.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                raise StreamReset("downstream write failed") from None
+
+    async def _close(self) -> None:
+        conn = self.conn
+        if conn.closed:
+            return
+        if self.abort:
+            conn.abort()
+            return
+        try:
+            if self.out:
+                with trio.move_on_after(1.0):
+                    await conn.send_all(bytes(self.out))
+            # Envoy's delayed close: half-close, then let the client read the response and
+            # close first, so unread request bytes do not turn our FIN into an RST.
+            await conn.send_eof()
+            delay = self.config.delayed_close_timeout
+            if delay and not self.peer_eof:
+                with trio.move_on_after(delay):
+                    while await conn.receive_some(_RECV):
+                        pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        await conn.aclose()
+
+
+class ActiveStream:
+    """One request/response exchange; the callbacks every HTTP filter talks to."""
+
+    __slots__ = (
+        "hc", "config", "worker", "codec", "request_headers", "end_stream", "stream_info",
+        "route", "filters", "fm", "nursery", "response_started", "response_complete",
+        "request_complete", "hcm_stats", "source_ip", "expect_continue", "_read_scope",
+    )
+
+    def __init__(self, hc: HttpConnection, ev: RequestHeaders) -> None:
+        self.hc = hc
+        self.config = hc.config
+        self.worker = hc.worker
+        self.codec = hc.codec
+        self.hcm_stats = hc.stats
+        self.request_headers = ev.headers
+        self.end_stream = ev.end_stream
+        self.expect_continue = ev.expect_continue
+        c = hc.conn.stream_info
+        self.stream_info = StreamInfo(
+            protocol="HTTP/1.0" if ev.http_version == "1.0" else "HTTP/1.1",
+            downstream_local_address=c.downstream_local_address,
+            downstream_remote_address=c.downstream_remote_address,
+            downstream_direct_remote_address=c.downstream_direct_remote_address,
+            requested_server_name=c.requested_server_name,
+            connection_id=c.connection_id,
+            request_headers=ev.headers,
+        )
+        self.source_ip = hc.conn.remote_address[0]
+        self.route: Any = None
+        self.nursery: trio.Nursery | None = None
+        self.response_started = False
+        self.response_complete = False
+        self.request_complete = ev.end_stream
+        self._read_scope: trio.CancelScope | None = None
+
+    # -- the stream -----------------------------------------------------------------------
+    async def run(self) -> None:
+        stats = self.hcm_stats
+        stats.rq_total.inc()
+        stats.rq_http1_total.inc()
+        stats.rq_active.inc()
+        info = self.stream_info
+        headers = self.request_headers
+        self._mutate_request_headers(headers)
+        self.route = self.config.route_table.route(headers)
+        if self.route is not None:
+            info.route_name = self.route.name or None
+        decoders: list[Any] = []
+        encoders: list[Any] = []
+        for factory in self.config.filter_factories:
+            f = factory.create_filter(self)
+            if hasattr(f, "decode_headers"):
+                decoders.append(f)
+            if hasattr(f, "encode_headers"):
+                encoders.append(f)
+        encoders.reverse()
+        self.fm = fm = FilterManager(decoders, encoders, self)
+        try:
+            await self._run_filters(headers)
+        except* StreamReset:
+            self.hc.abort = True
+            info.set_response_flag(ResponseFlag.DOWNSTREAM_CONNECTION_TERMINATION)
+            stats.rq_rx_reset.inc()
+        except* CodecError as group:
+            # A malformed body: the head was fine, so this is a stream error.
+            await self._body_protocol_error(group.exceptions[0])  # type: ignore[arg-type]
+        finally:
+            fm.on_destroy()
+            if not self.request_complete:
+                self.hc.close_after = True
+            stats.rq_active.dec()
+            stats.rq_completed.inc()
+            info.on_complete()
+            if info.response_code:
+                stats.on_response_code(info.response_code)
+            for access_log in self.config.access_logs:
+                access_log.log(info)
+
+    async def _run_filters(self, headers: HeaderMap) -> None:
+        fm = self.fm
+        if self.end_stream:
+            await fm.decode_headers(headers, True)
+        else:
+            if self.expect_continue:
+                # Envoy answers 100-continue itself (proxy_100_continue off).
+                self.hc.out += self.codec.send_continue()
+                await self.flush()
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                await fm.decode_headers(headers, False)
+                await self._decode_body()
+        if not self.response_complete and not self.hc.abort:
+            # The filters ended without a full response: nothing more can come.
+            await self.send_outcome(Outcome.UPSTREAM_RESET_BEFORE_RESPONSE)
+
+    async def _body_protocol_error(self, exc: CodecError) -> None:
+        info = self.stream_info
+        info.set_response_flag(ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR)
+        info.response_code_details = exc.details
+        self.hc.close_after = True
+        if self.response_started:
+            self.hc.abort = True
+            return
+        reply = LOCAL_REPLIES[Outcome.DOWNSTREAM_PROTOCOL_ERROR]
+        try:
+            await self.send_local_reply(exc.status, reply.body.encode(), exc.details)
+        except StreamReset:
+            self.hc.abort = True
+
+    async def _decode_body(self) -> None:
+        hc = self.hc
+        codec = self.codec
+        conn = hc.conn
+        info = self.stream_info
+        fm = self.fm
+        idle = self.config.stream_idle_timeout
+        overall = self.config.request_timeout
+        with trio.CancelScope() as scope:
+            self._read_scope = scope
+            if overall is not None:
+                scope.deadline = trio.current_time() + overall
+            while True:
+                ev = codec.next_event()
+                while ev is None:
+                    with trio.move_on_after(idle if idle is not None else float("inf")) as w:
+                        data = await conn.receive_some(_RECV)
+                    if w.cancelled_caught:
+                        await self._request_timeout(Outcome.STREAM_IDLE_TIMEOUT)
+                        return
+                    codec.receive_data(data)
+                    ev = codec.next_event()
+                t = type(ev)
+                if t is Data:
+                    info.bytes_received += len(ev.data)  # type: ignore[union-attr]
+                    await fm.decode_data(ev.data, False)  # type: ignore[union-attr]
+                elif t is EndOfStream:
+                    self.request_complete = True
+                    info.last_downstream_rx_byte = time.monotonic()
+                    await fm.decode_data(b"", True)
+                    return
+                elif t is Trailers:
+                    self.request_complete = True
+                    info.last_downstream_rx_byte = time.monotonic()
+                    await fm.decode_trailers(ev.trailers)  # type: ignore[union-attr]
+                    return
+                elif t is ConnectionClosed:
+                    hc.peer_eof = True
+                    raise StreamReset("downstream closed mid-request")
+                else:
+                    return
+        if scope.cancelled_caught and not self.response_complete:
+            await self._request_timeout(Outcome.REQUEST_OVERALL_TIMEOUT)
+
+    async def _request_timeout(self, outcome: Outcome) -> None:
+        stats = self.hcm_stats
+        if outcome is Outcome.STREAM_IDLE_TIMEOUT:
+            stats.rq_idle_timeout.inc()
+        else:
+            stats.rq_timeout.inc()
+        self.hc.close_after = True
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()  # the upstream side stops too
+        if self.response_started:
+            self.stream_info.set_response_flag(LOCAL_REPLIES[outcome].flag)
+            self.hc.abort = True
+        else:
+            await self.send_outcome(outcome)
+
+    def _mutate_request_headers(self, headers: HeaderMap) -> None:
+        """Envoy's ConnectionManagerUtility::mutateRequestHeaders, for what we support."""
+        config = self.config
+        info = self.stream_info
+        peer = self.source_ip
+        xff = headers.get("x-forwarded-for")
+        if config.use_remote_address:
+            if not config.skip_xff_append:
+                headers.append_value("x-forwarded-for", peer)
+            headers.set("x-forwarded-proto", "http")
+        else:
+            if xff is not None:
+                # The client is the entry xff_num_trusted_hops from the right.
+                entries = [e.strip() for e in xff.split(",")]
+                idx = len(entries) - 1 - config.xff_num_trusted_hops
+                if idx >= 0 and entries[idx]:
+                    info.downstream_remote_address = entries[idx]
+                    self.source_ip = entries[idx]
+            if "x-forwarded-proto" not in headers:
+                headers.add("x-forwarded-proto", "http")
+        if config.generate_request_id:
+            rid = headers.get("x-request-id")
+            if rid is None or (config.use_remote_address and not config.preserve_external_request_id):
+                headers.set("x-request-id", str(uuid.uuid4()))
+        if config.via:
+            headers.append_value("via", config.via, ", ")
+
+    # -- callbacks for filters ------------------------------------------------------------
+    def start_task(self, fn: Any, *args: Any) -> None:
+        assert self.nursery is not None, "start_task needs a request with a body"
+        self.nursery.start_soon(fn, *args)
+
+    async def send_outcome(self, outcome: Outcome) -> None:
+        reply = LOCAL_REPLIES[outcome]
+        self.stream_info.apply_local_reply(reply)
+        await self.send_local_reply(reply.status, reply.body.encode(), reply.details)
+
+    async def send_local_reply(
+        self, status: int, body: bytes, details: str, *, location: str | None = None
+    ) -> None:
+        info = self.stream_info
+        if self.response_started:
+            # Too late for a reply: the client already has part of another response.
+            self.reset_stream(details)
+            return
+        info.response_code_details = details
+        headers = HeaderMap([(":status", str(status))])
+        if location is not None:
+            headers.add("location", location)
+        if body:
+            headers.add("content-length", str(len(body)))
+            headers.add("content-type", "text/plain")
+        await self.fm.encode_headers(headers, not body)
+        if body:
+            await self.fm.encode_data(body, True)
+        await self.flush()
+
+    def reset_stream(self, details: str) -> None:
+        """Abandon the stream: the downstream connection closes with RST."""
+        if self.stream_info.connection_termination_details is None:
+            self.stream_info.connection_termination_details = details
+        self.hc.abort = True
+        self.response_complete = True
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
+        self.hcm_stats.rq_tx_reset.inc()
+
+    async def encode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+        await self.fm.encode_headers(headers, end_stream)
+
+    async def encode_data(self, data: bytes, end_stream: bool) -> None:
+        await self.fm.encode_data(data, end_stream)
+
+    async def encode_trailers(self, trailers: HeaderMap) -> None:
+        await self.fm.encode_trailers(trailers)
+
+    async def flush(self) -> None:
+        await self.hc.flush()
+        if self.response_complete and self.stream_info.last_downstream_tx_byte is None:
+            self.stream_info.last_downstream_tx_byte = time.monotonic()
+        if self.response_complete and not self.request_complete and self._read_scope is not None:
+            # The response is out before the request was read in full: stop reading it
+            # (Envoy closes such HTTP/1.1 connections rather than draining the body).
+            self._read_scope.cancel()
+
+    # -- the encoder chain's sink ---------------------------------------------------------
+    def sink_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+        config = self.config
+        info = self.stream_info
+        hc = self.hc
+        self.response_started = True
+        try:
+            info.response_code = int(headers.get(":status") or 0)
+        except ValueError:
+            info.response_code = 0
+        info.response_headers = headers
+        route = self.route
+        if route is not None:
+            route.finalize_response_headers(headers, info)
+        headers.set("date", http_date())
+        transform = config.server_header_transformation
+        if transform == SERVER_OVERWRITE:
+            headers.set("server", config.server_name)
+        elif transform == SERVER_APPEND_IF_ABSENT:
+            headers.set_default("server", config.server_name)
+        if config.via:
+            headers.append_value("via", config.via, ", ")
+        if config.always_set_request_id_in_response:
+            rid = self.request_headers.get("x-request-id")
+            if rid is not None:
+                headers.set("x-request-id", rid)
+        close = hc.close_after or not self.request_complete and not self.codec.request_complete
+        if not close and self.worker.drain.drain_close():
+            close = True
+            self.hcm_stats.cx_drain_close.inc()
+        mrq = config.max_requests_per_connection
+        if not close and mrq is not None and hc.requests >= mrq:
+            close = True
+        if close:
+            hc.close_after = True
+        hc.out += self.codec.send_headers(headers, end_stream, close=close)
+        if end_stream:
+            self.response_complete = True
+
+    def sink_data(self, data: bytes, end_stream: bool) -> None:
+        self.stream_info.bytes_sent += len(data)
+        self.hc.out += self.codec.send_data(data, end_stream)
+        if end_stream:
+            self.response_complete = True
+
+    def sink_trailers(self, trailers: HeaderMap) -> None:
+        self.stream_info.response_trailers = trailers
+        self.hc.out += self.codec.send_trailers(trailers)
+        self.response_complete = True

@@ -1,0 +1,157 @@
+"""HTTP/1.1 upstream connection pool: one request at a time per connection, kept alive.
+
+One pool per (worker, cluster, host), stored in ``ThreadLocalCluster.pools`` keyed by the
+host's address. Idle connections are reused newest first (LIFO keeps the working set small
+and warm, and lets the oldest ones reach their idle timeout and close).
+
+Theory of operation:
+1. ``acquire`` pops an idle connection that is younger than the idle timeout and still
+   open (a non-blocking ``MSG_PEEK`` tells EOF apart from "nothing to read" in one syscall),
+   or connects a new one.
+2. ``release`` returns a connection whose request and response both completed cleanly
+   (h11 says DONE on both sides) and which has not reached max_requests_per_connection;
+   anything else is closed (``discard``).
+3. A reused connection can still race with the upstream closing it (its keep-alive timer
+   firing as we write). The router retries such a request once on a fresh connection when
+   no response byte arrived and the request could be replayed; that is why the idle
+   timeout defaults below common upstream keep-alive timeouts (cluster_config).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from proxy.http.codec.h1_fast import Http1ClientCodec
+from proxy.upstream.connect import connect_upstream
+
+if TYPE_CHECKING:
+    from proxy.upstream.cluster_manager import ThreadLocalCluster
+    from proxy.upstream.host import Host
+
+_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+class UpstreamConnection:
+    __slots__ = ("stream", "sock", "codec", "host", "requests", "idle_since", "reused", "pool")
+
+    def __init__(self, stream: trio.SocketStream, host: Host, pool: Http1ConnPool) -> None:
+        self.stream = stream
+        # The stdlib socket under trio's: a non-blocking MSG_PEEK needs no trio machinery.
+        self.sock: socket.socket = stream.socket._sock  # type: ignore[attr-defined]
+        self.codec = Http1ClientCodec()
+        self.host = host
+        self.pool = pool
+        self.requests = 0
+        self.idle_since = 0.0
+        self.reused = False
+
+    @property
+    def local_address(self) -> str:
+        try:
+            host, port = self.sock.getsockname()[:2]
+        except OSError:
+            return "-"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def still_open(self) -> bool:
+        """False when the upstream closed (or sent something unasked) while we were idle."""
+        try:
+            data = self.sock.recv(1, _PEEK_FLAGS)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        del data  # b"" is EOF; bytes nobody asked for mean a confused upstream: both unusable
+        return False
+
+    def close(self) -> None:
+        """Close now, without waiting (the socket is ours alone)."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Http1ConnPool:
+    __slots__ = ("host", "cluster", "idle", "idle_timeout", "max_requests", "connect_timeout")
+
+    def __init__(self, host: Host, cluster: ThreadLocalCluster) -> None:
+        cfg = cluster.config
+        self.host = host
+        self.cluster = cluster
+        self.idle: list[UpstreamConnection] = []
+        self.idle_timeout: float | None = cfg.idle_timeout
+        self.max_requests: int | None = cfg.max_requests_per_connection
+        self.connect_timeout: float = cfg.connect_timeout
+
+    async def acquire(self) -> UpstreamConnection:
+        """A ready connection; raises ``UpstreamConnectError`` when a new one cannot be made."""
+        idle = self.idle
+        if idle:
+            now = time.monotonic()
+            timeout = self.idle_timeout
+            while idle:
+                uc = idle.pop()
+                if (timeout is None or now - uc.idle_since < timeout) and uc.still_open():
+                    uc.reused = True
+                    return uc
+                self._destroy(uc)
+        return await self.connect()
+
+    async def connect(self) -> UpstreamConnection:
+        stats = self.cluster.cluster_stats
+        stats.upstream_cx_total.inc()
+        try:
+            stream = await connect_upstream(self.host, self.connect_timeout)
+        except BaseException as exc:
+            reason = getattr(exc, "reason", None)
+            if reason == "connection_timeout":
+                stats.upstream_cx_connect_timeout.inc()
+            if reason is not None:
+                stats.upstream_cx_connect_fail.inc()
+            raise
+        stats.upstream_cx_active.inc()
+        self.host.cx_active += 1
+        return UpstreamConnection(stream, self.host, self)
+
+    def release(self, uc: UpstreamConnection) -> None:
+        """The exchange finished: keep the connection for the next request, or close it."""
+        uc.requests += 1
+        codec = uc.codec
+        if self.max_requests is not None and uc.requests >= self.max_requests:
+            self.cluster.stats.counter("upstream_cx_max_requests").inc()
+            self._destroy(uc)
+            return
+        if not codec.reusable:
+            self._destroy(uc)
+            return
+        codec.start_next_cycle()
+        uc.idle_since = time.monotonic()
+        self.idle.append(uc)
+
+    def discard(self, uc: UpstreamConnection) -> None:
+        uc.requests += 1
+        self._destroy(uc)
+
+    def _destroy(self, uc: UpstreamConnection) -> None:
+        uc.close()
+        self.host.cx_active -= 1
+        stats = self.cluster.cluster_stats
+        stats.upstream_cx_active.dec()
+        stats.upstream_cx_destroy.inc()
+
+    def close_idle(self) -> None:
+        while self.idle:
+            self._destroy(self.idle.pop())
+
+
+def pool_for(cluster: ThreadLocalCluster, host: Host) -> Http1ConnPool:
+    key = (host.address, host.port)
+    pool = cluster.pools.get(key)
+    if pool is None:
+        pool = cluster.pools[key] = Http1ConnPool(host, cluster)
+    return pool
