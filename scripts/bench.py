@@ -60,10 +60,13 @@ def tree_cpu_s(pid: int) -> float:
 
 def _tree(pid: int) -> list[int]:
     out = [pid]
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return out
+    kids: list[str] = []
+    # A child is listed under the thread that spawned it, not always the main thread.
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += (task / "children").read_text().split()
+        except OSError:
+            continue
     for k in kids:
         out += _tree(int(k))
     return out
@@ -137,7 +140,7 @@ http {{ access_log off; {temps} keepalive_requests 1000000;
         (tmp / "haproxy.cfg").write_text(f"""
 global
   nbthread 1
-  maxconn 10000
+  maxconn 4096
 defaults
   mode http
   timeout connect 5s

@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+from proxy.network import fast_io
 from proxy.stream_info import StreamInfo
 
 _ids = itertools.count(1)
@@ -38,6 +39,7 @@ class Connection:
     __slots__ = (
         "stream",
         "socket",
+        "raw",
         "id",
         "local_address",
         "remote_address",
@@ -59,6 +61,8 @@ class Connection:
     ) -> None:
         self.stream = stream
         self.socket = stream.socket
+        # The stdlib socket under trio's, for proxy.network.fast_io on the request path.
+        self.raw: socket.socket = stream.socket._sock  # type: ignore[attr-defined]
         self.id = connection_id if connection_id is not None else next(_ids)
         self.local_address = _sockaddr(self.socket.getsockname())
         try:
@@ -82,14 +86,14 @@ class Connection:
         """Give back bytes a listener filter peeked at; the next receive returns them first."""
         self._prebuffer = data + self._prebuffer
 
-    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+    async def receive_some(self, max_bytes: int = 65536, wait_first: bool = False) -> bytes:
         if self._prebuffer:
             data, self._prebuffer = self._prebuffer, b""
             return data
-        return await self.stream.receive_some(max_bytes)
+        return await fast_io.receive_some(self.raw, max_bytes, wait_first)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
+        await fast_io.send_all(self.raw, data)
 
     async def send_eof(self) -> None:
         await self.stream.send_eof()

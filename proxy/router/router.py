@@ -36,6 +36,7 @@ from proxy.http.codec.events import (
     Trailers,
 )
 from proxy.http.filter_manager import STOP_ITERATION, FilterStatus
+from proxy.network.fast_io import receive_some, send_all
 from proxy.stream_info import Outcome, ResponseFlag
 from proxy.upstream.conn_pool import UpstreamConnection, pool_for
 from proxy.upstream.connect import UpstreamConnectError
@@ -183,7 +184,7 @@ class RouterFilter:
         self.body_sent = True
         try:
             out = uc.codec.send_data(data, end_stream)
-            await uc.stream.send_all(out)
+            await send_all(uc.sock, out)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the response task sees the reset and answers
         if end_stream:
@@ -194,7 +195,7 @@ class RouterFilter:
         uc = self.uc
         if uc is not None and not self.response_done:
             try:
-                await uc.stream.send_all(uc.codec.send_trailers(trailers))
+                await send_all(uc.sock, uc.codec.send_trailers(trailers))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
         self._mark_request_done()
@@ -234,7 +235,7 @@ class RouterFilter:
                 self.sent_at = time.monotonic()
                 if info.first_upstream_tx_byte is None:
                     info.first_upstream_tx_byte = self.sent_at
-                await uc.stream.send_all(out)
+                await send_all(uc.sock, out)
                 if end_stream:
                     self.request_sent_all = True
                     info.last_upstream_tx_byte = time.monotonic()
@@ -273,6 +274,7 @@ class RouterFilter:
     async def _relay_response(self) -> None:
         cb = self.cb
         info = cb.stream_info
+        wait_first = True  # the request just left: its response cannot be here yet
         while True:
             uc = self.uc
             assert uc is not None
@@ -282,7 +284,8 @@ class RouterFilter:
                 while ev is None:
                     await cb.flush()  # before waiting: what we have goes out now
                     try:
-                        data = await uc.stream.receive_some(_RECV)
+                        data = await receive_some(uc.sock, _RECV, wait_first)
+                        wait_first = False
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         data = b""
                     if data and info.first_upstream_rx_byte is None:

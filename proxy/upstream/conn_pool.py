@@ -33,10 +33,17 @@ if TYPE_CHECKING:
     from proxy.upstream.host import Host
 
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+# Upstreams close keep-alive connections on timers of seconds (nginx 75 s, Node 5 s) or
+# announce it (Connection: close); a connection idle for less than this is not worth the
+# peek syscall, and the router's one-shot replay covers the rare miss.
+_TRUST_IDLE_S = 0.5
 
 
 class UpstreamConnection:
-    __slots__ = ("stream", "sock", "codec", "host", "requests", "idle_since", "reused", "pool")
+    __slots__ = (
+        "stream", "sock", "codec", "host", "requests", "idle_since", "reused", "pool",
+        "_local_address",
+    )
 
     def __init__(self, stream: trio.SocketStream, host: Host, pool: Http1ConnPool) -> None:
         self.stream = stream
@@ -48,14 +55,17 @@ class UpstreamConnection:
         self.requests = 0
         self.idle_since = 0.0
         self.reused = False
+        self._local_address: str | None = None
 
     @property
     def local_address(self) -> str:
-        try:
-            host, port = self.sock.getsockname()[:2]
-        except OSError:
-            return "-"
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if self._local_address is None:
+            try:
+                host, port = self.sock.getsockname()[:2]
+            except OSError:
+                return "-"
+            self._local_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return self._local_address
 
     def still_open(self) -> bool:
         """False when the upstream closed (or sent something unasked) while we were idle."""
@@ -96,7 +106,10 @@ class Http1ConnPool:
             timeout = self.idle_timeout
             while idle:
                 uc = idle.pop()
-                if (timeout is None or now - uc.idle_since < timeout) and uc.still_open():
+                idle_for = now - uc.idle_since
+                if (timeout is None or idle_for < timeout) and (
+                    idle_for < _TRUST_IDLE_S or uc.still_open()
+                ):
                     uc.reused = True
                     return uc
                 self._destroy(uc)

@@ -36,6 +36,7 @@ from proxy.tcp_proxy.tcp_proxy import DEFAULT_IDLE_TIMEOUT_S, TcpProxyConfig
 
 try:
     from envoy.config.cluster.v3.cluster_pb2 import Cluster
+
     from proxy.upstream.cluster_config import ClusterConfig
     from proxy.upstream.cluster_manager import ClusterManager
 
