@@ -46,7 +46,15 @@ def agent(cfg: Path, log: Path) -> subprocess.Popen:
 
 
 def epoch_mains(agent_pid: int) -> list[psutil.Process]:
-    return [c for c in psutil.Process(agent_pid).children() if c.is_running()]
+    """The agent's live epoch main processes (a killed one stays a zombie until reaped)."""
+    out = []
+    for c in psutil.Process(agent_pid).children():
+        try:
+            if c.status() != psutil.STATUS_ZOMBIE:
+                out.append(c)
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
 def test_agent_serves_relaunches_a_crashed_epoch_and_exits_on_term(tmp_path: Path) -> None:
@@ -63,7 +71,8 @@ def test_agent_serves_relaunches_a_crashed_epoch_and_exits_on_term(tmp_path: Pat
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
-                if http_get(port, timeout=1)[0] == 200 and epoch_mains(a.pid):
+                mains = epoch_mains(a.pid)
+                if mains and mains[0].pid != epoch0.pid and http_get(port, timeout=1)[0] == 200:
                     break
             except OSError:
                 pass
