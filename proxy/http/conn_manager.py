@@ -354,6 +354,7 @@ class ActiveStream:
             info.on_complete()
             if info.response_code:
                 stats.on_response_code(info.response_code)
+            stats.rq_time_ms.record((info.end_monotonic - info.start_monotonic) * 1000)  # type: ignore[operator]
             for access_log in self.config.access_logs:
                 access_log.log(info)
 

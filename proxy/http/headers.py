@@ -65,10 +65,14 @@ class HeaderMap:
 
     def set(self, name: str, value: str) -> None:
         """Replace every value of ``name`` with one, keeping the first one's position."""
-        for i, (k, _) in enumerate(self._items):
-            if k == name:
-                self._items[i] = (name, value)
-                self._items[i + 1 :] = [kv for kv in self._items[i + 1 :] if kv[0] != name]
+        items = self._items
+        for i, kv in enumerate(items):
+            if kv[0] == name:
+                items[i] = (name, value)
+                for later in items[i + 1 :]:
+                    if later[0] == name:  # rare: drop the other values of a repeated name
+                        items[i + 1 :] = [x for x in items[i + 1 :] if x[0] != name]
+                        break
                 return
         self.add(name, value)
 

@@ -380,3 +380,26 @@ static_resources:
             got += chunk
     assert got == payload[::-1]
     echo.close()
+
+
+def test_envoy_front_proxy_example_runs_unchanged_but_for_ports(start_trioxy, tmp_path: Path) -> None:
+    """examples/front-proxy.yaml is Envoy's sandbox config: STRICT_DNS to localhost."""
+    from harness import PyUpstream
+
+    ups = [PyUpstream(), PyUpstream()]
+    try:
+        port = free_port()
+        text = (ROOT / "examples/front-proxy.yaml").read_text()
+        text = text.replace("port_value: 8080", f"port_value: {port}")
+        text = text.replace("port_value: 8081", f"port_value: {ups[0].port}")
+        text = text.replace("port_value: 8082", f"port_value: {ups[1].port}")
+        text = text.replace("port_value: 8001", f"port_value: {free_port()}")
+        start_trioxy(text, wait_port=port)
+        for i, up in enumerate(ups, 1):
+            status, _, body = http_get(port, f"/service/{i}/ok")
+            assert status == 200 and body == b"ok\n"
+            assert up.accepts >= 1
+        assert http_get(port, "/elsewhere")[0] == 404
+    finally:
+        for u in ups:
+            u.close()
