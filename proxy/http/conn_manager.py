@@ -90,7 +90,7 @@ class StreamReset(Exception):
 class HttpConnection:
     __slots__ = (
         "config", "conn", "worker", "codec", "stats", "out", "close_after", "abort",
-        "requests", "peer_eof",
+        "requests", "peer_eof", "idle_close",
     )
 
     def __init__(self, config: HttpConnectionManagerConfig, conn: Connection, worker: WorkerContext):
@@ -107,6 +107,7 @@ class HttpConnection:
         self.abort = False  # close with RST (a reset stream)
         self.requests = 0
         self.peer_eof = False
+        self.idle_close: str | None = None  # why the idle wait was ended from outside
 
     # -- connection loop ------------------------------------------------------------------
     async def run(self) -> None:
@@ -168,24 +169,29 @@ class HttpConnection:
         config = self.config
         worker = self.worker
         conn = self.conn
-        # Idle: nothing of a next request yet. The idle timeout and a drain end the wait.
-        with trio.CancelScope() as idle:
-            if config.idle_timeout is not None:
-                idle.deadline = trio.current_time() + config.idle_timeout
-            if worker.drain.draining and self.requests:
-                return None
-            worker.idle_waits.add(idle)
-            try:
-                # After a response the client has yet to see it: nothing to read yet.
-                data = await conn.receive_some(_RECV, wait_first=self.requests > 0)
-            finally:
-                worker.idle_waits.discard(idle)
-        if idle.cancelled_caught:
-            if not worker.drain.draining:
-                self.stats.cx_idle_timeout.inc()
-            else:
-                self.stats.cx_drain_close.inc()
+        # Idle: nothing of a next request yet. The idle timeout (a worker timer, see
+        # timer_wheel) and a drain end the wait through close_idle().
+        if worker.drain.draining and self.requests:
             return None
+        timer = None
+        if config.idle_timeout is not None:
+            timer = worker.timers.call_later(config.idle_timeout, self._on_idle_timeout)
+        worker.idle_connections.add(self)
+        try:
+            # After a response the client has yet to see it: nothing to read yet.
+            data = await conn.receive_some(_RECV, wait_first=self.requests > 0)
+        except trio.ClosedResourceError:
+            if self.idle_close is None:
+                raise
+            if self.idle_close == "drain":
+                self.stats.cx_drain_close.inc()
+            else:
+                self.stats.cx_idle_timeout.inc()
+            return None
+        finally:
+            worker.idle_connections.discard(self)
+            if timer is not None:
+                timer.cancel()
         codec.receive_data(data)
         if not data:
             return None
@@ -206,6 +212,15 @@ class HttpConnection:
             await self._raw_reply(reply.status, reply.body.encode(), info)
             return None
         return ev
+
+    def _on_idle_timeout(self) -> None:
+        self.close_idle("idle_timeout")
+
+    def close_idle(self, reason: str) -> None:
+        """Wake the idle wait so the connection closes (idle timeout or drain)."""
+        if self.idle_close is None:
+            self.idle_close = reason
+            trio.lowlevel.notify_closing(self.conn.raw)
 
     async def _protocol_error(self, exc: CodecError) -> None:
         """A request we cannot parse: the codec's status, flag DPE, then close."""
@@ -260,6 +275,9 @@ class HttpConnection:
             return
         if self.abort:
             conn.abort()
+            return
+        if self.idle_close is not None:
+            await conn.aclose()  # nothing in flight, nothing to flush
             return
         try:
             if self.out:

@@ -10,9 +10,11 @@ Theory of operation:
    spawned. A request with a body starts a response task in the stream's nursery, so the
    response can arrive (and be relayed) while the body is still going up.
 2. The route timeout (Envoy's default 15 s) runs from the end of the downstream request to
-   the end of the response, as in Envoy: a cancel scope whose deadline is set when the last
-   request byte has been sent up. Before response headers it becomes a local 504 (UT);
-   after, the downstream is reset, because a half-sent response cannot be replaced.
+   the end of the response, as in Envoy: a worker timer (``timer_wheel``, cheaper than a
+   cancel scope per request) armed when the last request byte has been sent up. When it
+   fires it wakes the upstream read (``notify_closing``); before response headers that
+   becomes a local 504 (UT); after, the downstream is reset, because a half-sent response
+   cannot be replaced.
 3. A reused keep-alive connection that closes before any response byte is the race every
    HTTP/1.1 proxy meets (the upstream's keep-alive timer fired as we wrote). A request
    that can be replayed (nothing but headers was sent) is retried once on a new connection;
@@ -76,6 +78,10 @@ class RouterConfig:
         return RouterFilter(self, callbacks)
 
 
+class _RouteTimeout(Exception):
+    """The route timeout fired while the response was awaited."""
+
+
 class _UpstreamReset(Exception):
     """The upstream connection failed mid-exchange; ``outcome`` says how."""
 
@@ -87,7 +93,7 @@ class _UpstreamReset(Exception):
 
 class RouterFilter:
     __slots__ = (
-        "config", "cb", "uc", "pool", "cluster", "host", "timeout", "scope",
+        "config", "cb", "uc", "pool", "cluster", "host", "timeout", "timer", "timed_out",
         "request_done_at", "request_sent_all", "response_started", "response_done",
         "body_sent", "sent_at", "_headers",
     )
@@ -100,7 +106,8 @@ class RouterFilter:
         self.cluster: Any = None
         self.host: Any = None
         self.timeout: float | None = None
-        self.scope: trio.CancelScope | None = None
+        self.timer: Any = None
+        self.timed_out = False
         self.request_done_at: float | None = None  # trio clock, when the request ended
         self.request_sent_all = False
         self.response_started = False
@@ -204,10 +211,23 @@ class RouterFilter:
     def _mark_request_done(self) -> None:
         self.request_sent_all = True
         self.cb.stream_info.last_upstream_tx_byte = time.monotonic()
-        now = trio.current_time()
-        self.request_done_at = now
-        if self.scope is not None and self.timeout is not None:
-            self.scope.deadline = now + self.timeout
+        self.request_done_at = trio.current_time()
+        self._arm_timeout()
+
+    def _arm_timeout(self) -> None:
+        if self.timeout is not None and self.timer is None and not self.response_done:
+            assert self.request_done_at is not None
+            self.timer = self.cb.worker.timers.schedule(
+                self.request_done_at + self.timeout, self._on_timeout
+            )
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.response_done:
+            return
+        self.timed_out = True
+        if self.uc is not None:
+            trio.lowlevel.notify_closing(self.uc.sock)  # wakes the upstream read
 
     async def _send_headers(self, headers: HeaderMap, end_stream: bool, allow_retry: bool) -> bool:
         """Take a connection and write the request head; False when a local reply was sent."""
@@ -252,24 +272,33 @@ class RouterFilter:
 
     # -- response -------------------------------------------------------------------------
     async def _run_response(self) -> None:
-        cb = self.cb
-        with trio.CancelScope() as scope:
-            self.scope = scope
-            if self.request_done_at is not None and self.timeout is not None:
-                scope.deadline = self.request_done_at + self.timeout
-            try:
-                await self._relay_response()
-            except _UpstreamReset as reset:
-                await self._on_reset(reset)
-        if scope.cancelled_caught and not self.response_done:
-            self.cluster.cluster_stats.upstream_rq_timeout.inc()
-            self._drop_upstream()
-            if self.response_started:
-                cb.stream_info.set_response_flag(ResponseFlag.UPSTREAM_REQUEST_TIMEOUT)
-                cb.reset_stream("upstream_response_timeout")
+        if self.request_done_at is not None:
+            self._arm_timeout()
+        try:
+            await self._relay_response()
+        except _RouteTimeout:
+            await self._on_route_timeout()
+        except _UpstreamReset as reset:
+            if self.timed_out:
+                await self._on_route_timeout()
             else:
-                await cb.send_outcome(Outcome.UPSTREAM_REQUEST_TIMEOUT)
+                await self._on_reset(reset)
+        finally:
+            self.response_done = True
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+
+    async def _on_route_timeout(self) -> None:
+        cb = self.cb
         self.response_done = True
+        self.cluster.cluster_stats.upstream_rq_timeout.inc()
+        self._drop_upstream()
+        if self.response_started:
+            cb.stream_info.set_response_flag(ResponseFlag.UPSTREAM_REQUEST_TIMEOUT)
+            cb.reset_stream("upstream_response_timeout")
+        else:
+            await cb.send_outcome(Outcome.UPSTREAM_REQUEST_TIMEOUT)
 
     async def _relay_response(self) -> None:
         cb = self.cb
@@ -283,10 +312,14 @@ class RouterFilter:
                 ev = codec.next_event()
                 while ev is None:
                     await cb.flush()  # before waiting: what we have goes out now
+                    if self.timed_out:
+                        raise _RouteTimeout
                     try:
                         data = await receive_some(uc.sock, _RECV, wait_first)
                         wait_first = False
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        if self.timed_out:
+                            raise _RouteTimeout from None
                         data = b""
                     if data and info.first_upstream_rx_byte is None:
                         info.first_upstream_rx_byte = time.monotonic()
@@ -387,6 +420,9 @@ class RouterFilter:
 
     def on_destroy(self) -> None:
         """The stream ended (normally, by reset or by cancellation): give everything back."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self._finish_request_stats()
         if self.uc is not None:
             self._drop_upstream()

@@ -80,6 +80,7 @@ async def serve(
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
         async with trio.open_nursery() as root:
+            await root.start(worker.timers.run)
             await root.start(worker.cluster_manager.run)
             async with trio.open_nursery() as connections:
                 accept_scope = trio.CancelScope()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from proxy.server.drain_manager import DrainManager
+from proxy.server.timer_wheel import TimerWheel
 from proxy.stats import Store
 
 if TYPE_CHECKING:
@@ -24,13 +25,14 @@ class WorkerContext:
     stats: Store = field(default_factory=Store)
     drain: DrainManager = field(default_factory=DrainManager)
     rng: random.Random = field(default_factory=random.Random)
-    # Cancel scopes of connections waiting idle for their next request: a drain closes them
-    # at once (a keep-alive connection with no request in flight has nothing to finish).
-    idle_waits: set[Any] = field(default_factory=set)
+    # Connections waiting idle for their next request (objects with ``close_idle()``): a
+    # drain closes them at once, having nothing in flight to finish.
+    idle_connections: set[Any] = field(default_factory=set)
+    timers: TimerWheel = field(default_factory=TimerWheel)
 
     def __post_init__(self) -> None:
         self.drain.on_drain(self._close_idle)
 
     def _close_idle(self) -> None:
-        for scope in list(self.idle_waits):
-            scope.cancel()
+        for conn in list(self.idle_connections):
+            conn.close_idle("drain")

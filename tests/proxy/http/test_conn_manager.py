@@ -216,6 +216,7 @@ async def run_proxy(yaml_text: str) -> AsyncIterator[Proxy]:
     sock.listen(128)
     port = sock.getsockname()[1]
     async with trio.open_nursery() as nursery:
+        await nursery.start(worker.timers.run)
         await nursery.start(worker.cluster_manager.run)
         listener = ActiveTcpListener(lc, sock, worker)
         nursery.start_soon(listener.accept_loop, nursery)
@@ -535,3 +536,38 @@ async def test_client_disconnect_mid_body_is_logged_dc(upstream: Upstream, tmp_p
     file_sink.flush_all(2.0)
     first = log.read_text().splitlines()[0]
     assert "DC" in first.split(" ")[1]
+
+
+async def test_idle_timeout_closes_a_quiet_keep_alive_connection(upstream: Upstream) -> None:
+    hcm = """
+    common_http_protocol_options: {idle_timeout: 0.3s}
+    """
+    async with run_proxy(config(routes=ROUTE_TO_BACKEND, clusters=cluster("backend", upstream.port),
+                                hcm_extra=hcm)) as p:
+        c = await Client.connect(p.port)
+        assert (await c.request("GET", "/echo")).status == 200
+        start = trio.current_time()
+        assert await c.read_all() == b""  # the proxy closed it
+        assert 0.25 <= trio.current_time() - start < 2.0
+        await eventually(
+            lambda: p.worker.stats.counters["http.ingress_http.downstream_cx_idle_timeout"].value == 1)
+        await c.aclose()
+
+
+async def test_route_timeout_after_a_streamed_body_and_connection_stays_usable(
+    upstream: Upstream,
+) -> None:
+    routes = """
+    - match: {prefix: "/"}
+      route: {cluster: backend, timeout: 0.3s}
+    """
+    async with run_proxy(config(routes=routes, clusters=cluster("backend", upstream.port))) as p:
+        c = await Client.connect(p.port)
+        start = trio.current_time()
+        r = await c.request("POST", "/slow?ms=1500", body=b"x" * 100_000)
+        assert r.status == 504 and r.body == b"upstream request timeout"
+        assert trio.current_time() - start < 1.2
+        assert (await c.request("GET", "/echo")).status == 200  # same client connection
+        counters = p.worker.stats.counters
+        assert counters["cluster.backend.upstream_rq_timeout"].value == 1
+        await c.aclose()
