@@ -118,6 +118,7 @@ class Outcome(enum.Enum):
     UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
     UPSTREAM_REQUEST_TIMEOUT = "upstream_request_timeout"
     UPSTREAM_OVERFLOW = "upstream_overflow"
+    UPSTREAM_LOCAL_RESET = "upstream_local_reset"
     DOWNSTREAM_PROTOCOL_ERROR = "downstream_protocol_error"
     REQUEST_HEADERS_TOO_LARGE = "request_headers_too_large"
     REQUEST_HEADERS_TIMEOUT = "request_headers_timeout"
@@ -166,6 +167,10 @@ LOCAL_REPLIES: dict[Outcome, LocalReply] = {
     Outcome.UPSTREAM_OVERFLOW: LocalReply(
         503, ResponseFlag.UPSTREAM_OVERFLOW, "upstream_reset_before_response_started{overflow}",
         "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+    ),
+    Outcome.UPSTREAM_LOCAL_RESET: LocalReply(
+        503, ResponseFlag.LOCAL_RESET, "upstream_reset_before_response_started{local_reset}",
+        "upstream connect error or disconnect/reset before headers. reset reason: local reset",
     ),
     Outcome.DOWNSTREAM_PROTOCOL_ERROR: LocalReply(
         400, ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR, "http1.codec_error", "Bad Request"

@@ -34,6 +34,7 @@ from proxy.http.codec.events import (
     Data,
     EndOfStream,
     InformationalResponse,
+    LocalProtocolError,
     ResponseHeaders,
     Trailers,
 )
@@ -252,6 +253,16 @@ class RouterFilter:
             info.attempt_count += 1
             try:
                 out = uc.codec.send_request_headers(headers, end_stream)
+            except LocalProtocolError as exc:
+                # We cannot write this request (a header no HTTP/1.1 peer may see): the
+                # proxy resets the upstream stream itself, Envoy's LR.
+                pool.discard(uc)
+                self.uc = None
+                info.upstream_transport_failure_reason = str(exc)
+                self.response_done = True
+                await cb.send_outcome(Outcome.UPSTREAM_LOCAL_RESET)
+                return False
+            try:
                 self.sent_at = time.monotonic()
                 if info.first_upstream_tx_byte is None:
                     info.first_upstream_tx_byte = self.sent_at

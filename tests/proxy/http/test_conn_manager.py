@@ -571,3 +571,28 @@ async def test_route_timeout_after_a_streamed_body_and_connection_stays_usable(
         counters = p.worker.stats.counters
         assert counters["cluster.backend.upstream_rq_timeout"].value == 1
         await c.aclose()
+
+
+async def test_request_the_proxy_cannot_write_upstream_is_a_local_reset(
+    upstream: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No client bytes can make a header HTTP/1.1 may not carry (the parser refuses them
+    # first), so the codec's refusal is simulated: this is the one stand-in here.
+    from proxy.http.codec import h1_fast
+    from proxy.http.codec.events import LocalProtocolError
+
+    def refuse(self: object, headers: object, end_stream: bool) -> bytes:
+        raise LocalProtocolError("illegal character in an outgoing header")
+
+    monkeypatch.setattr(h1_fast.Http1ClientCodec, "send_request_headers", refuse)
+    log = tmp_path / "a.log"
+    async with run_proxy(config(routes=ROUTE_TO_BACKEND, clusters=cluster("backend", upstream.port),
+                                access_log=log)) as p:
+        c = await Client.connect(p.port)
+        r = await c.request("GET", "/echo")
+        assert r.status == 503 and b"reset reason: local reset" in r.body
+        await c.aclose()
+    from proxy.access_log import file_sink
+
+    file_sink.flush_all(2.0)
+    assert log.read_text().split(" ")[1] == "LR"
