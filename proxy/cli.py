@@ -6,11 +6,10 @@ import logging
 import sys
 
 from proxy import __version__
+from proxy.server.hot_restart import HOT_RESTART_VERSION
 from proxy.server.options import ExitCode, Mode, UsageError, parse_options
 
 log = logging.getLogger("trioxy.main")
-
-HOT_RESTART_VERSION = "trioxy.hr.1"
 
 
 def main(argv: list[str] | None = None) -> int:

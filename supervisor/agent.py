@@ -2,13 +2,16 @@
 
 A thin shell around ``Restarter``: it reads signals with ``trio.open_signal_receiver``,
 turns each into an event for the policy, and performs the actions the policy returns.
-Every flag it does not know is passed to each epoch unchanged (trioxy's own flags).
+Every flag it does not know is passed to each epoch unchanged (trioxy's own flags). Each
+epoch gets a pipe (``--ready-fd``) on which it says READY once its workers accept: that is
+when a hot restart is complete and a queued SIGHUP may start the next one.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -46,22 +49,44 @@ class Agent:
         self.procs: dict[int, Any] = {}
         self.exit_code: int | None = None
 
-    async def _run_epoch(self, epoch: int, delay_s: float) -> None:
+    async def _run_epoch(self, epoch: int, delay_s: float, parent: int | None) -> None:
         if delay_s:
             await trio.sleep(delay_s)
-        argv = [sys.executable, "-m", "proxy.cli", *self.epoch_args, "--restart-epoch", str(epoch)]
-        proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL)
+        ready_r, ready_w = os.pipe()
+        argv = [
+            sys.executable, "-m", "proxy.cli", *self.epoch_args,
+            "--restart-epoch", str(epoch), "--ready-fd", str(ready_w),
+            "--parent-epoch", str(-1 if parent is None else parent),
+        ]
+        try:
+            proc = await trio.lowlevel.open_process(
+                argv, stdin=subprocess.DEVNULL, pass_fds=[ready_w]
+            )
+        finally:
+            os.close(ready_w)
         self.procs[epoch] = proc
         log.info("started epoch %d (pid %d)", epoch, proc.pid)
+        self.nursery.start_soon(self._watch_ready, epoch, ready_r)
         rc = await proc.wait()
         del self.procs[epoch]
         log.info("epoch %d (pid %d) exited with %d", epoch, proc.pid, rc)
         self._perform(self.policy.on_epoch_exit(epoch, rc))
 
+    async def _watch_ready(self, epoch: int, fd: int) -> None:
+        stream = trio.lowlevel.FdStream(fd)
+        buf = b""
+        async with stream:
+            while b"READY\n" not in buf:
+                chunk = await stream.receive_some(64)
+                if not chunk:
+                    return  # exited before serving: on_epoch_exit tells the policy
+                buf += chunk
+        self._perform(self.policy.on_epoch_ready(epoch))
+
     def _perform(self, actions: list[Action]) -> None:
         for a in actions:
             if isinstance(a, SpawnEpoch):
-                self.nursery.start_soon(self._run_epoch, a.epoch, a.delay_s)
+                self.nursery.start_soon(self._run_epoch, a.epoch, a.delay_s, a.parent)
             elif isinstance(a, SignalEpoch):
                 proc = self.procs.get(a.epoch)
                 if proc is not None and proc.returncode is None:

@@ -52,6 +52,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("trioxy.http")
 
 _RECV = 65536
+# While draining, a keep-alive connection with no request in flight is closed once it has
+# been idle this long: long enough that a client busy on it sends its next request first
+# (and gets Connection: close on the response), short enough to empty the epoch quickly.
+DRAIN_IDLE_GRACE_S = 1.0
 _date_cache: list[Any] = [0, ""]
 
 
@@ -90,7 +94,7 @@ class StreamReset(Exception):
 class HttpConnection:
     __slots__ = (
         "config", "conn", "worker", "codec", "stats", "out", "close_after", "abort",
-        "requests", "peer_eof", "idle_close",
+        "requests", "peer_eof", "idle_close", "idle_since", "idle_timer",
     )
 
     def __init__(self, config: HttpConnectionManagerConfig, conn: Connection, worker: WorkerContext):
@@ -108,6 +112,8 @@ class HttpConnection:
         self.requests = 0
         self.peer_eof = False
         self.idle_close: str | None = None  # why the idle wait was ended from outside
+        self.idle_since = 0.0
+        self.idle_timer: Any = None
 
     # -- connection loop ------------------------------------------------------------------
     async def run(self) -> None:
@@ -171,11 +177,16 @@ class HttpConnection:
         conn = self.conn
         # Idle: nothing of a next request yet. The idle timeout (a worker timer, see
         # timer_wheel) and a drain end the wait through close_idle().
-        if worker.drain.draining and self.requests:
-            return None
-        timer = None
-        if config.idle_timeout is not None:
-            timer = worker.timers.call_later(config.idle_timeout, self._on_idle_timeout)
+        idle_timeout = config.idle_timeout
+        if worker.drain.draining:
+            # The last response did not say Connection: close (a gradual drain said "not
+            # yet"): the client may be sending its next request right now. Closing at once
+            # would race it; a short grace does not.
+            idle_timeout = min(idle_timeout or DRAIN_IDLE_GRACE_S, DRAIN_IDLE_GRACE_S)
+        self.idle_since = trio.current_time()
+        self.idle_timer = None
+        if idle_timeout is not None:
+            self.idle_timer = worker.timers.call_later(idle_timeout, self._on_idle_timeout)
         worker.idle_connections.add(self)
         try:
             # After a response the client has yet to see it: nothing to read yet.
@@ -190,8 +201,9 @@ class HttpConnection:
             return None
         finally:
             worker.idle_connections.discard(self)
-            if timer is not None:
-                timer.cancel()
+            if self.idle_timer is not None:
+                self.idle_timer.cancel()
+                self.idle_timer = None
         codec.receive_data(data)
         if not data:
             return None
@@ -214,7 +226,17 @@ class HttpConnection:
         return ev
 
     def _on_idle_timeout(self) -> None:
-        self.close_idle("idle_timeout")
+        self.close_idle("drain" if self.worker.drain.draining else "idle_timeout")
+
+    def on_drain(self) -> None:
+        """Draining began while we wait idle: close once idle for the drain grace."""
+        remaining = DRAIN_IDLE_GRACE_S - (trio.current_time() - self.idle_since)
+        if remaining <= 0:
+            self.close_idle("drain")
+            return
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        self.idle_timer = self.worker.timers.call_later(remaining, self._on_idle_timeout)
 
     def close_idle(self, reason: str) -> None:
         """Wake the idle wait so the connection closes (idle timeout or drain)."""

@@ -12,6 +12,10 @@ Theory of operation:
 4. Signals: TERM drains (workers stop accepting at once and get ``--drain-time-s`` to finish),
    INT/QUIT exit fast, USR1 reopens access logs, HUP is the agent's (hot restart) and is
    logged and ignored by a lone epoch.
+5. Hot restart (``hot_restart.py``): before binding, epoch N > 0 asks epoch N-1 for its
+   listening sockets and binds only what it did not get; once its workers accept it tells
+   the parent to drain, and after ``--parent-shutdown-time-s`` to terminate. Meanwhile this
+   epoch answers epoch N+1 the same way. Then it tells the agent it serves (``--ready-fd``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,14 @@ from typing import Any
 
 import trio
 
+from proxy.server.hot_restart import (
+    HotRestartError,
+    ParentConnection,
+    ParentHandlers,
+    VersionMismatch,
+    serve_children,
+)
+from proxy.server.lifeline import watch_parent
 from proxy.server.options import ExitCode, Options
 
 log = logging.getLogger("trioxy.main")
@@ -65,25 +77,59 @@ class WorkerHandle:
     ready: trio.Event = field(default_factory=trio.Event)
 
 
+def address_key(address: tuple[str, int]) -> str:
+    """How listening sockets are matched across a hot restart: (protocol, address)."""
+    host, port = address
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
 class Instance:
-    def __init__(self, options: Options, snapshot: Any, serialized_bootstrap: bytes) -> None:
+    def __init__(
+        self,
+        options: Options,
+        snapshot: Any,
+        serialized_bootstrap: bytes,
+        parent: ParentConnection | None = None,
+    ) -> None:
         self.options = options
         self.snapshot = snapshot
         self.serialized_bootstrap = serialized_bootstrap
+        self.parent = parent
         self.sockets: list[socket.socket] = []
+        self.keys: list[str] = []
+        self.handed_over = 0
         self.workers = [WorkerHandle(i) for i in range(options.concurrency)]
         self.shutting_down = False
         self.worker_restarts = 0
 
     # -- sockets ---------------------------------------------------------------------
-    def bind_all(self) -> None:
+    def listener_keys(self) -> list[str]:
+        """Keys of the listeners a parent may hand over (an ephemeral port 0 never is)."""
+        return [address_key(lc.address) for lc in self.snapshot.listeners if lc.address[1]]
+
+    def bind_all(self, inherited: dict[str, socket.socket] | None = None) -> None:
+        inherited = dict(inherited or {})
         try:
             for lc in self.snapshot.listeners:
-                self.sockets.append(bind_listener(lc.address))
+                key = address_key(lc.address)
+                sock = inherited.pop(key, None) if lc.address[1] else None
+                if sock is not None:
+                    sock.setblocking(False)
+                    self.handed_over += 1
+                else:
+                    sock = bind_listener(lc.address)
+                self.sockets.append(sock)
+                self.keys.append(key)
         except BootError:
             for s in self.sockets:
                 s.close()
             raise
+        finally:
+            for s in inherited.values():
+                s.close()  # a listener the new config dropped: the parent's copy stays open
+
+    def sockets_for_child(self) -> dict[str, socket.socket]:
+        return {k: s for k, s in zip(self.keys, self.sockets, strict=True) if not k.endswith(":0")}
 
     def bound_addresses(self) -> list[str]:
         out = []
@@ -180,21 +226,87 @@ class Instance:
                 h.process.kill()
                 await h.process.wait()
 
+    # -- shutdown ----------------------------------------------------------------------
+    async def _drain_and_exit(self, why: str, grace_s: float) -> None:
+        """Workers stop accepting now and finish within ``--drain-time-s``; then we exit."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        log.info("%s: draining for up to %.1f s", why, self.options.drain_time_s)
+        self._signal_workers(signal.SIGTERM)
+        await self._wait_workers(grace_s)
+        self.nursery.cancel_scope.cancel()
+
+    async def _fast_exit(self, why: str) -> None:
+        self.shutting_down = True
+        log.info("%s: exiting now", why)
+        self._signal_workers(signal.SIGINT)
+        await self._wait_workers(2.0)
+        self.nursery.cancel_scope.cancel()
+
+    def _on_child_drain(self) -> None:
+        # The child bounds our life with Terminate at --parent-shutdown-time-s; this is a
+        # backstop should that message never come.
+        grace = self.options.parent_shutdown_time_s + 5.0
+        self.nursery.start_soon(self._drain_and_exit, "hot restart", grace)
+
+    def _on_child_terminate(self) -> None:
+        self.nursery.start_soon(self._fast_exit, "hot restart: parent shutdown time")
+
+    async def _terminate_parent_later(self) -> None:
+        assert self.parent is not None
+        await trio.sleep(self.options.parent_shutdown_time_s)
+        self.parent.terminate()
+        self.parent.close()
+
+    def _notify_ready(self) -> None:
+        fd = self.options.ready_fd
+        if fd is None:
+            return
+        try:
+            os.write(fd, b"READY\n")
+            os.close(fd)
+        except OSError as exc:
+            log.warning("could not tell the agent this epoch serves: %s", exc)
+
     # -- main loop -------------------------------------------------------------------
     async def run(self) -> int:
+        opts = self.options
         with trio.open_signal_receiver(
             signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGHUP
         ) as signals:
             try:
                 async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    if opts.ready_fd is not None:  # started by the agent: never outlive it
+                        nursery.start_soon(
+                            watch_parent, os.getppid(),
+                            lambda: nursery.start_soon(self._fast_exit, "the agent is gone"),
+                        )
+                    if not opts.disable_hot_restart:
+                        handlers = ParentHandlers(
+                            self.sockets_for_child, self._on_child_drain, self._on_child_terminate
+                        )
+                        try:
+                            await nursery.start(
+                                serve_children, opts.base_id, opts.restart_epoch, handlers
+                            )
+                        except HotRestartError as exc:
+                            raise BootError(str(exc)) from None
                     for h in self.workers:
                         await nursery.start(self._run_worker, h)
                     log.info(
-                        "trioxy epoch %d ready: %d worker(s), listening on %s",
-                        self.options.restart_epoch,
+                        "trioxy epoch %d ready: %d worker(s), listening on %s%s",
+                        opts.restart_epoch,
                         len(self.workers),
                         ", ".join(self.bound_addresses()) or "nothing",
+                        f" ({self.handed_over} socket(s) from epoch {opts.parent_epoch})"
+                        if self.handed_over else "",
                     )
+                    if self.parent is not None:
+                        self.parent.drain_listeners()
+                        nursery.start_soon(self._terminate_parent_later)
+                    self._notify_ready()
                     async for signum in signals:
                         if signum == signal.SIGUSR1:
                             self._signal_workers(signal.SIGUSR1)
@@ -202,17 +314,12 @@ class Instance:
                         if signum == signal.SIGHUP:
                             log.info("SIGHUP: hot restart is run by trioxy-agent; ignored")
                             continue
-                        self.shutting_down = True
                         if signum == signal.SIGTERM:
-                            log.info("SIGTERM: draining for up to %.1f s", self.options.drain_time_s)
-                            self._signal_workers(signal.SIGTERM)
-                            await self._wait_workers(self.options.drain_time_s + 5.0)
+                            nursery.start_soon(
+                                self._drain_and_exit, "SIGTERM", opts.drain_time_s + 5.0
+                            )
                         else:
-                            log.info("%s: exiting now", signal.Signals(signum).name)
-                            self._signal_workers(signal.SIGINT)
-                            await self._wait_workers(2.0)
-                        nursery.cancel_scope.cancel()
-                        break
+                            nursery.start_soon(self._fast_exit, signal.Signals(signum).name)
             except BootError:
                 self.shutting_down = True
                 self._signal_workers(signal.SIGKILL)
@@ -220,14 +327,31 @@ class Instance:
             finally:
                 for s in self.sockets:
                     s.close()
+                if self.parent is not None:
+                    self.parent.close()
         return ExitCode.OK
 
 
 def serve(options: Options, snapshot: Any, bootstrap: Any) -> int:
+    parent: ParentConnection | None = None
+    inherited: dict[str, socket.socket] = {}
     inst = Instance(options, snapshot, bootstrap.SerializeToString())
+    if options.parent_epoch is not None and not options.disable_hot_restart:
+        try:
+            parent = ParentConnection.connect(options.base_id, options.parent_epoch)
+            if parent is not None:
+                inherited = parent.get_listen_sockets(inst.listener_keys())
+        except VersionMismatch as exc:
+            log.critical("hot restart refused, the running epoch keeps serving: %s", exc)
+            return ExitCode.HOT_RESTART_VERSION_MISMATCH
+        except (HotRestartError, OSError) as exc:
+            log.critical("hot restart failed, the running epoch keeps serving: %s", exc)
+            return ExitCode.BOOT_ERROR
+    inst.parent = parent
     try:
-        inst.bind_all()
+        inst.bind_all(inherited)
         return trio.run(inst.run)
     except BootError as exc:
         log.critical("%s", exc)
         return ExitCode.BOOT_ERROR
+

@@ -38,6 +38,9 @@ class Options:
     parent_shutdown_time_s: float
     drain_strategy: DrainStrategy
     argv: tuple[str, ...] = ()
+    disable_hot_restart: bool = False
+    ready_fd: int | None = None  # the agent's pipe: "READY" once the workers accept
+    parent_epoch: int | None = None  # the epoch to take sockets from; None: none
 
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
@@ -76,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--hot-restart-version", action="store_true", help="print the hot restart version and exit"
     )
+    p.add_argument(
+        "--disable-hot-restart", action="store_true",
+        help="neither take sockets from the previous epoch nor serve the next one",
+    )
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    # The agent names the parent (after a failed reload it is not restart_epoch - 1);
+    # -1: no parent. Unset: restart_epoch - 1, as Envoy.
+    p.add_argument("--parent-epoch", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 
@@ -110,5 +121,11 @@ def parse_options(argv: list[str]) -> tuple[Options, argparse.Namespace]:
         parent_shutdown_time_s=ns.parent_shutdown_time_s,
         drain_strategy=DrainStrategy(ns.drain_strategy),
         argv=tuple(argv),
+        disable_hot_restart=ns.disable_hot_restart,
+        ready_fd=ns.ready_fd,
+        parent_epoch=(
+            (ns.restart_epoch - 1 if ns.restart_epoch > 0 else None)
+            if ns.parent_epoch is None else (ns.parent_epoch if ns.parent_epoch >= 0 else None)
+        ),
     )
     return opts, ns

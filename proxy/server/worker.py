@@ -22,21 +22,10 @@ import sys
 import trio
 
 from proxy.server.drain_manager import DrainStrategy
+from proxy.server.lifeline import watch_parent
 from proxy.server.worker_context import WorkerContext
 
 log = logging.getLogger("trioxy.worker")
-
-
-def _set_parent_death_signal() -> None:
-    """Die with the main process: workers must never outlive their epoch."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -59,6 +48,7 @@ async def serve(
     drain_strategy: DrainStrategy,
     ready: trio.Event | None = None,
     on_ready: object = None,
+    parent_pid: int = 0,
 ) -> None:
     """Run the worker until SIGTERM's drain completes or SIGINT."""
     from proxy.access_log import file_sink
@@ -80,6 +70,11 @@ async def serve(
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
         async with trio.open_nursery() as root:
+            def orphaned() -> None:
+                log.warning("worker %d: the epoch's main process is gone; exiting", index)
+                root.cancel_scope.cancel()
+
+            root.start_soon(watch_parent, parent_pid, orphaned)
             await root.start(worker.timers.run)
             await root.start(worker.cluster_manager.run)
             async with trio.open_nursery() as connections:
@@ -103,17 +98,17 @@ async def serve(
                     if signum == signal.SIGINT:
                         root.cancel_scope.cancel()
                         break
-                    # SIGTERM: stop accepting now; connections get the drain time to finish.
+                    # SIGTERM: stop accepting now. HTTP connections close themselves as they
+                    # drain (Connection: close, idle ones after a grace); whatever is still
+                    # open when the main process ends us (parent shutdown) is cut then.
                     log.info("worker %d draining for %.1f s", index, drain_time_s)
                     accept_scope.cancel()
                     worker.drain.start_drain_sequence(drain_time_s, drain_strategy)
-                    connections.cancel_scope.deadline = trio.current_time() + drain_time_s
                     break
             root.cancel_scope.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:
-    _set_parent_death_signal()
     args = _parse(sys.argv[1:] if argv is None else argv)
     from proxy.server.logging_setup import setup_logging
 
@@ -145,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 drain_time_s=args.drain_time_s,
                 drain_strategy=DrainStrategy(args.drain_strategy),
                 on_ready=on_ready,
+                parent_pid=args.parent_pid,
             )
         )
     except KeyboardInterrupt:

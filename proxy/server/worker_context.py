@@ -25,8 +25,8 @@ class WorkerContext:
     stats: Store = field(default_factory=Store)
     drain: DrainManager = field(default_factory=DrainManager)
     rng: random.Random = field(default_factory=random.Random)
-    # Connections waiting idle for their next request (objects with ``close_idle()``): a
-    # drain closes them at once, having nothing in flight to finish.
+    # Connections waiting idle for their next request (objects with ``on_drain()``): a
+    # drain closes them, having nothing in flight to finish.
     idle_connections: set[Any] = field(default_factory=set)
     timers: TimerWheel = field(default_factory=TimerWheel)
 
@@ -35,4 +35,4 @@ class WorkerContext:
 
     def _close_idle(self) -> None:
         for conn in list(self.idle_connections):
-            conn.close_idle("drain")
+            conn.on_drain()

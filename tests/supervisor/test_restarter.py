@@ -62,3 +62,67 @@ def test_exit_during_shutdown_is_not_a_crash() -> None:
     r.on_start()
     r.on_signal("TERM")
     assert r.on_epoch_exit(0, -15) == [Exit(0)]
+
+
+def spawned(actions: list) -> list[int]:
+    return [a.epoch for a in actions if isinstance(a, SpawnEpoch)]
+
+
+def test_hup_starts_the_next_epoch_and_a_storm_coalesces_into_one_more() -> None:
+    r = Restarter()
+    r.on_start()
+    r.on_epoch_ready(0)
+    assert spawned(r.on_signal("HUP")) == [1]
+    for _ in range(5):  # epoch 1 is still starting: these wait, as one
+        assert spawned(r.on_signal("HUP")) == []
+    assert spawned(r.on_epoch_ready(1)) == [2]
+    assert spawned(r.on_epoch_ready(2)) == []
+    assert r.reloads == 2
+
+
+def test_at_most_three_epochs_live_the_oldest_is_terminated() -> None:
+    r = Restarter()
+    r.on_start()
+    r.on_epoch_ready(0)
+    r.on_signal("HUP")
+    r.on_epoch_ready(1)
+    r.on_signal("HUP")
+    r.on_epoch_ready(2)
+    actions = r.on_signal("HUP")  # epochs 0, 1, 2 alive (0 and 1 still draining)
+    assert SignalEpoch(0, "INT") in actions and spawned(actions) == [3]
+
+
+def test_a_bad_config_on_reload_leaves_the_serving_epoch_alone() -> None:
+    r = Restarter()
+    r.on_start()
+    r.on_epoch_ready(0)
+    r.on_signal("HUP")
+    actions = r.on_epoch_exit(1, 1)  # config error
+    assert not spawned(actions) and not any(isinstance(a, Exit) for a in actions)
+    assert r.reload_failures == 1 and r.live == {0}
+    assert spawned(r.on_signal("HUP")) == [2]  # the next HUP is tried again
+
+
+def test_old_epoch_finishing_its_drain_is_not_a_crash() -> None:
+    r = Restarter()
+    r.on_start()
+    r.on_epoch_ready(0)
+    r.on_signal("HUP")
+    r.on_epoch_ready(1)
+    assert spawned(r.on_epoch_exit(0, 0)) == []
+
+
+def test_newest_epoch_killed_while_an_old_one_drains_is_relaunched() -> None:
+    r = Restarter()
+    r.on_start()
+    r.on_epoch_ready(0)
+    r.on_signal("HUP")
+    r.on_epoch_ready(1)
+    assert spawned(r.on_epoch_exit(1, -9)) == [2]
+
+
+def test_hup_during_shutdown_is_ignored() -> None:
+    r = Restarter()
+    r.on_start()
+    r.on_signal("TERM")
+    assert spawned(r.on_signal("HUP")) == []

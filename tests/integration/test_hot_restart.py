@@ -1,0 +1,233 @@
+"""Hot restart as users run it: trioxy-agent under load, SIGHUPs, real sockets and processes."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from harness import ROOT, PyUpstream, free_port, http_get, wait_for_port
+
+
+def proxy_config(port: int, upstream_port: int) -> str:
+    return f"""
+static_resources:
+  listeners:
+  - name: ingress
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route: {{cluster: upstream}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream_port}}}}}}}
+"""
+
+
+class Agent:
+    def __init__(self, cfg: Path, log: Path, *extra: str) -> None:
+        self.log_path = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.agent", "-c", str(cfg), "--concurrency", "2",
+             "--drain-time-s", "1", "--parent-shutdown-time-s", "3",
+             "--base-id", str(os.getpid() % 60000 + 1000), *extra],
+            cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+        )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def epochs(self) -> list[psutil.Process]:
+        out = []
+        for c in psutil.Process(self.proc.pid).children():
+            try:
+                if c.status() != psutil.STATUS_ZOMBIE:
+                    out.append(c)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def wait_log(self, text: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in the agent log:\n{self.log}")
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class Load:
+    """Clients for a bounded time: keep-alive ones and one-request-per-connection ones."""
+
+    def __init__(self, port: int, seconds: float, keepalive: int = 4, fresh: int = 2) -> None:
+        self.port = port
+        self.until = time.monotonic() + seconds
+        self.ok = 0
+        self.failures: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._keepalive, daemon=True)
+                        for _ in range(keepalive)]
+        self.threads += [threading.Thread(target=self._fresh, daemon=True) for _ in range(fresh)]
+        for t in self.threads:
+            t.start()
+
+    def _record(self, status: int | None, error: str | None = None) -> None:
+        with self.lock:
+            if status == 200:
+                self.ok += 1
+            else:
+                self.failures.append(error or f"status {status}")
+
+    def _keepalive(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        while time.monotonic() < self.until:
+            try:
+                conn.request("GET", "/ok")
+                r = conn.getresponse()
+                r.read()
+                self._record(r.status)
+            except (OSError, http.client.HTTPException) as exc:
+                self._record(None, f"keep-alive: {exc!r}")
+                conn.close()
+        conn.close()
+
+    def _fresh(self) -> None:
+        while time.monotonic() < self.until:
+            try:
+                self._record(http_get(self.port, "/ok")[0])
+            except (OSError, http.client.HTTPException) as exc:
+                self._record(None, f"new connection: {exc!r}")
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(30)
+
+
+def test_sighups_under_load_fail_no_request(tmp_path: Path) -> None:
+    up = PyUpstream()
+    port = free_port()
+    cfg = tmp_path / "envoy.yaml"
+    cfg.write_text(proxy_config(port, up.port))
+    agent = Agent(cfg, tmp_path / "agent.log")
+    try:
+        wait_for_port(port, proc=agent.proc)
+        agent.wait_log("epoch 0 serves")
+        first = agent.epochs()[0].pid
+        load = Load(port, seconds=9.0)
+        slow: dict[str, object] = {}
+
+        def slow_request() -> None:
+            slow["result"] = http_get(port, "/slow?ms=2500", timeout=15)
+
+        hups = 8
+        started = time.monotonic()
+        for i in range(hups):
+            time.sleep(0.5 + (i % 3) * 0.25)
+            if i == 2:
+                t = threading.Thread(target=slow_request, daemon=True)
+                t.start()
+                time.sleep(0.2)  # the slow request is on the epoch about to be replaced
+            agent.proc.send_signal(signal.SIGHUP)
+        load.join()
+        t.join(15)
+        elapsed = time.monotonic() - started
+        assert load.failures == [], load.failures[:5]
+        assert load.ok > 200, load.ok
+        assert slow["result"][0] == 200  # type: ignore[index]
+        # Storms coalesce, so fewer epochs than HUPs may start, but at least a few did,
+        # the last one serves, and every older one has exited.
+        agent.wait_log("SIGHUP: hot restart to epoch 1")
+        deadline = time.monotonic() + 10
+        while len(agent.epochs()) > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (last,) = agent.epochs()
+        assert last.pid != first
+        assert "handed over 1 listening socket(s)" in agent.log
+        assert http_get(port, "/ok")[0] == 200
+        print(f"\n{load.ok} requests, 0 failed, {hups} SIGHUPs in {elapsed:.1f} s")
+        assert agent.stop() == 0
+    finally:
+        agent.stop()
+        up.close()
+
+
+def test_bad_config_on_reload_keeps_the_old_epoch_serving(tmp_path: Path) -> None:
+    up = PyUpstream()
+    port = free_port()
+    cfg = tmp_path / "envoy.yaml"
+    good = proxy_config(port, up.port)
+    cfg.write_text(good)
+    agent = Agent(cfg, tmp_path / "agent.log")
+    try:
+        wait_for_port(port, proc=agent.proc)
+        agent.wait_log("epoch 0 serves")
+        cfg.write_text(good.replace("codec_type: AUTO", "").replace(
+            "stat_prefix: ingress", "stat_prefix: ingress\n          codec_type: HTTP3"))
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_log("reload failed: epoch 1 exited with 1")
+        assert "codec_type" in agent.log  # the epoch said which field
+        assert http_get(port, "/ok")[0] == 200
+        assert len(agent.epochs()) == 1
+        cfg.write_text(good)
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_log("epoch 2 serves")
+        assert http_get(port, "/ok")[0] == 200
+    finally:
+        agent.stop()
+        up.close()
+
+
+def test_killed_serving_epoch_is_relaunched(tmp_path: Path) -> None:
+    up = PyUpstream()
+    port = free_port()
+    cfg = tmp_path / "envoy.yaml"
+    cfg.write_text(proxy_config(port, up.port))
+    agent = Agent(cfg, tmp_path / "agent.log")
+    try:
+        wait_for_port(port, proc=agent.proc)
+        agent.wait_log("epoch 0 serves")
+        agent.epochs()[0].kill()
+        agent.wait_log("epoch 1 serves")
+        assert http_get(port, "/ok")[0] == 200
+        agent.proc.send_signal(signal.SIGHUP)  # and the next reload works
+        agent.wait_log("epoch 2 serves")
+        assert http_get(port, "/ok")[0] == 200
+    finally:
+        agent.stop()
+        up.close()
