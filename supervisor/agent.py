@@ -5,6 +5,11 @@ turns each into an event for the policy, and performs the actions the policy ret
 Every flag it does not know is passed to each epoch unchanged (trioxy's own flags). Each
 epoch gets a pipe (``--ready-fd``) on which it says READY once its workers accept: that is
 when a hot restart is complete and a queued SIGHUP may start the next one.
+
+The agent also keeps a duplicate of every listening socket of the serving epoch (as
+systemd's fd store does) and hands them to an epoch that has no parent to take them
+from, one relaunched after a crash: the accept queue survives the crash, so clients
+are delayed, never refused.
 """
 
 from __future__ import annotations
@@ -13,12 +18,20 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from typing import Any
 
 import trio
 
+from proxy.server.hot_restart import (
+    STORE,
+    HotRestartError,
+    ParentConnection,
+    ParentHandlers,
+    serve_children,
+)
 from supervisor.restarter import Action, Exit, Log, Restarter, SignalEpoch, SpawnEpoch
 
 log = logging.getLogger("trioxy.agent")
@@ -38,16 +51,19 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         description="Supervise trioxy epochs; every other flag is passed to trioxy.",
     )
     p.add_argument("-l", "--log-level", default="info")
+    p.add_argument("--base-id", type=int, default=0)
     ns, rest = p.parse_known_args(argv)
-    return ns, rest + ["--log-level", ns.log_level]
+    return ns, rest + ["--log-level", ns.log_level, "--base-id", str(ns.base_id)]
 
 
 class Agent:
-    def __init__(self, epoch_args: list[str]) -> None:
+    def __init__(self, epoch_args: list[str], base_id: int = 0) -> None:
         self.epoch_args = epoch_args
+        self.base_id = base_id
         self.policy = Restarter()
         self.procs: dict[int, Any] = {}
         self.exit_code: int | None = None
+        self.store: dict[str, socket.socket] = {}  # the serving epoch's listening sockets
 
     async def _run_epoch(self, epoch: int, delay_s: float, parent: int | None) -> None:
         if delay_s:
@@ -82,6 +98,31 @@ class Agent:
                     return  # exited before serving: on_epoch_exit tells the policy
                 buf += chunk
         self._perform(self.policy.on_epoch_ready(epoch))
+        await self._refresh_store(epoch)
+
+    async def _refresh_store(self, epoch: int) -> None:
+        """Keep duplicates of the serving epoch's listening sockets (and only those)."""
+
+        def fetch() -> dict[str, socket.socket]:
+            conn = ParentConnection.connect(self.base_id, epoch)
+            if conn is None:
+                return {}
+            try:
+                return conn.get_listen_sockets(None)
+            finally:
+                conn.close()
+
+        try:
+            fresh = await trio.to_thread.run_sync(fetch)
+        except (HotRestartError, OSError) as exc:
+            log.warning("could not keep epoch %d's listening sockets: %s", epoch, exc)
+            return
+        old, self.store = self.store, fresh
+        for s in old.values():
+            s.close()  # our duplicates only: the epochs hold their own
+
+    def _store_handlers(self) -> ParentHandlers:
+        return ParentHandlers(lambda: self.store, lambda: None, lambda: None)
 
     def _perform(self, actions: list[Action]) -> None:
         for a in actions:
@@ -101,6 +142,11 @@ class Agent:
         with trio.open_signal_receiver(*_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
+                try:
+                    await nursery.start(serve_children, self.base_id, STORE, self._store_handlers())
+                except HotRestartError as exc:
+                    log.critical("%s", exc)
+                    return 2  # the epochs would collide too: a boot error
                 self._perform(self.policy.on_start())
                 async for signum in signals:
                     self._perform(self.policy.on_signal(_SIGNALS[signum]))
@@ -112,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from proxy.server.logging_setup import setup_logging
 
     setup_logging(ns.log_level, "agent")
-    return trio.run(Agent(epoch_args).run)
+    return trio.run(Agent(epoch_args, ns.base_id).run)
 
 
 if __name__ == "__main__":

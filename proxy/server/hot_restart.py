@@ -50,7 +50,10 @@ class VersionMismatch(HotRestartError):
     pass
 
 
-def rpc_address(base_id: int, epoch: int) -> str:
+STORE = "store"  # the agent's socket store answers under this name instead of an epoch
+
+
+def rpc_address(base_id: int, epoch: int | str) -> str:
     return f"\0trioxy.{base_id}.hot-restart.{epoch}"
 
 
@@ -95,7 +98,7 @@ class ParentConnection:
         self.sock = sock
 
     @classmethod
-    def connect(cls, base_id: int, parent_epoch: int) -> ParentConnection | None:
+    def connect(cls, base_id: int, parent_epoch: int | str) -> ParentConnection | None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.settimeout(CONNECT_TIMEOUT_S)
         try:
@@ -126,8 +129,8 @@ class ParentConnection:
             raise VersionMismatch(msg.get("reason", "version mismatch"))
         return msg, fds
 
-    def get_listen_sockets(self, addresses: list[str]) -> dict[str, socket.socket]:
-        """The parent's listening sockets for these ``ip:port`` addresses (those it has)."""
+    def get_listen_sockets(self, addresses: list[str] | None) -> dict[str, socket.socket]:
+        """The parent's listening sockets for these keys (those it has); None: all of them."""
         self._request({"type": "get_listen_sockets", "addresses": addresses})
         out: dict[str, socket.socket] = {}
         while True:
@@ -167,7 +170,7 @@ class ParentHandlers:
 
 async def serve_children(
     base_id: int,
-    epoch: int,
+    epoch: int | str,
     handlers: ParentHandlers,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -212,7 +215,7 @@ async def _serve_child(conn: trio.socket.SocketType, handlers: ParentHandlers) -
                 return
             kind = msg.get("type")
             if kind == "get_listen_sockets":
-                await _send_sockets(conn, msg.get("addresses", []), handlers.listen_sockets())
+                await _send_sockets(conn, msg.get("addresses"), handlers.listen_sockets())
             elif kind == "drain_listeners":
                 log.info("hot restart: the child epoch serves; draining listeners")
                 handlers.drain()
@@ -225,8 +228,10 @@ async def _serve_child(conn: trio.socket.SocketType, handlers: ParentHandlers) -
 
 
 async def _send_sockets(
-    conn: trio.socket.SocketType, wanted: list[str], have: dict[str, socket.socket]
+    conn: trio.socket.SocketType, wanted: list[str] | None, have: dict[str, socket.socket]
 ) -> None:
+    if wanted is None:
+        wanted = list(have)
     matched = [(name, have[name]) for name in wanted if name in have]
     batches = [matched[i : i + FDS_PER_MESSAGE] for i in range(0, len(matched), FDS_PER_MESSAGE)]
     if not batches:

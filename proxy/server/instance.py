@@ -32,6 +32,7 @@ from typing import Any
 import trio
 
 from proxy.server.hot_restart import (
+    STORE,
     HotRestartError,
     ParentConnection,
     ParentHandlers,
@@ -300,7 +301,9 @@ class Instance:
                         opts.restart_epoch,
                         len(self.workers),
                         ", ".join(self.bound_addresses()) or "nothing",
-                        f" ({self.handed_over} socket(s) from epoch {opts.parent_epoch})"
+                        (f" ({self.handed_over} socket(s) from epoch {opts.parent_epoch})"
+                         if self.parent is not None
+                         else f" ({self.handed_over} socket(s) from the agent's store)")
                         if self.handed_over else "",
                     )
                     if self.parent is not None:
@@ -347,6 +350,16 @@ def serve(options: Options, snapshot: Any, bootstrap: Any) -> int:
         except (HotRestartError, OSError) as exc:
             log.critical("hot restart failed, the running epoch keeps serving: %s", exc)
             return ExitCode.BOOT_ERROR
+    if parent is None and options.ready_fd is not None and not options.disable_hot_restart:
+        # No epoch to take over from (a relaunch after a crash): the agent keeps
+        # duplicates of the listening sockets, with their accept queues.
+        try:
+            store = ParentConnection.connect(options.base_id, STORE)
+            if store is not None:
+                inherited = store.get_listen_sockets(inst.listener_keys())
+                store.close()
+        except (HotRestartError, OSError) as exc:
+            log.warning("the agent's socket store did not answer (%s); binding", exc)
     inst.parent = parent
     try:
         inst.bind_all(inherited)

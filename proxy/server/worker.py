@@ -27,6 +27,8 @@ from proxy.server.worker_context import WorkerContext
 
 log = logging.getLogger("trioxy.worker")
 
+ORPHAN_DRAIN_S = 5.0
+
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="trioxy-worker")
@@ -70,15 +72,22 @@ async def serve(
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
         async with trio.open_nursery() as root:
+            accept_scope = trio.CancelScope()
+
             def orphaned() -> None:
-                log.warning("worker %d: the epoch's main process is gone; exiting", index)
-                root.cancel_scope.cancel()
+                # The epoch's main process died (kill -9): stop accepting so the next
+                # epoch gets the queue, and give what is in flight a short drain.
+                grace = min(drain_time_s, ORPHAN_DRAIN_S)
+                log.warning("worker %d: the epoch's main process is gone; draining %.0f s",
+                            index, grace)
+                accept_scope.cancel()
+                worker.drain.start_drain_sequence(0, DrainStrategy.IMMEDIATE)
+                root.cancel_scope.deadline = trio.current_time() + grace
 
             root.start_soon(watch_parent, parent_pid, orphaned)
             await root.start(worker.timers.run)
             await root.start(worker.cluster_manager.run)
             async with trio.open_nursery() as connections:
-                accept_scope = trio.CancelScope()
 
                 async def accept_all() -> None:
                     with accept_scope:

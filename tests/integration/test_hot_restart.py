@@ -231,3 +231,49 @@ def test_killed_serving_epoch_is_relaunched(tmp_path: Path) -> None:
     finally:
         agent.stop()
         up.close()
+
+
+def test_kill_9_of_the_epoch_refuses_no_connection(tmp_path: Path) -> None:
+    """The agent keeps the listening sockets: the relaunched epoch takes the same queue."""
+    up = PyUpstream()
+    port = free_port()
+    cfg = tmp_path / "envoy.yaml"
+    cfg.write_text(proxy_config(port, up.port))
+    agent = Agent(cfg, tmp_path / "agent.log")
+    refused: list[str] = []
+    other: list[str] = []
+    ok = [0]
+    until = time.monotonic() + 6.0
+
+    def client() -> None:
+        while time.monotonic() < until:
+            try:
+                status = http_get(port, "/ok", timeout=15)[0]
+                if status == 200:
+                    ok[0] += 1
+                else:
+                    other.append(f"status {status}")
+            except ConnectionRefusedError as exc:
+                refused.append(repr(exc))
+            except (OSError, http.client.HTTPException) as exc:
+                other.append(repr(exc))
+
+    try:
+        wait_for_port(port, proc=agent.proc)
+        agent.wait_log("epoch 0 serves")
+        time.sleep(0.3)  # the agent has taken its duplicates
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        agent.epochs()[0].kill()
+        agent.wait_log("epoch 1 serves")
+        for t in threads:
+            t.join(30)
+        assert refused == []
+        assert len(other) <= 4, other  # at most what was in flight on the killed epoch
+        assert ok[0] > 50
+        assert "1 socket(s) from the agent's store" in agent.log
+    finally:
+        agent.stop()
+        up.close()
