@@ -32,7 +32,8 @@ from proxy.server.hot_restart import (
     ParentHandlers,
     serve_children,
 )
-from supervisor.restarter import Action, Exit, Log, Restarter, SignalEpoch, SpawnEpoch
+from supervisor.restarter import Action, Exit, Log, Notify, Restarter, SignalEpoch, SpawnEpoch
+from supervisor.sd_notify import Notifier, listen_fds
 
 log = logging.getLogger("trioxy.agent")
 
@@ -64,6 +65,20 @@ class Agent:
         self.procs: dict[int, Any] = {}
         self.exit_code: int | None = None
         self.store: dict[str, socket.socket] = {}  # the serving epoch's listening sockets
+        self.notifier = Notifier()
+        self._adopt_socket_activation()
+
+    def _adopt_socket_activation(self) -> None:
+        """systemd socket activation: LISTEN_FDS sockets seed the store epoch 0 takes from."""
+        from proxy.server.instance import address_key
+
+        for sock in listen_fds():
+            try:
+                host, port = sock.getsockname()[:2]
+            except OSError:
+                continue
+            self.store[address_key((host, port))] = sock
+            log.info("socket activation: %s", address_key((host, port)))
 
     async def _run_epoch(self, epoch: int, delay_s: float, parent: int | None) -> None:
         if delay_s:
@@ -137,6 +152,8 @@ class Agent:
                 self.nursery.cancel_scope.cancel()
             elif isinstance(a, Log):
                 log.info("%s", a.message)
+            elif isinstance(a, Notify):
+                self.notifier.notify(a.state)
 
     async def run(self) -> int:
         with trio.open_signal_receiver(*_SIGNALS) as signals:

@@ -46,7 +46,14 @@ class Log:
     message: str
 
 
-Action = SpawnEpoch | SignalEpoch | Exit | Log
+@dataclass(frozen=True)
+class Notify:
+    """An sd_notify state (READY=1, RELOADING=1, STOPPING=1, STATUS=...)."""
+
+    state: str
+
+
+Action = SpawnEpoch | SignalEpoch | Exit | Log | Notify
 
 
 MAX_LIVE_EPOCHS = 3
@@ -94,12 +101,14 @@ class Restarter:
 
     def on_signal(self, name: str) -> list[Action]:
         if name in ("TERM", "INT", "QUIT"):
+            notify: list[Action] = []
             if self.stopping is None:
                 self.stopping = "graceful" if name == "TERM" else "fast"
+                notify = [Notify(f"STOPPING=1\nSTATUS=SIG{name}: stopping")]
             if not self.live:
-                return [Exit(self.exit_code)]
+                return [*notify, Exit(self.exit_code)]
             sig = "TERM" if name == "TERM" else "INT"
-            return [SignalEpoch(e, sig) for e in sorted(self.live)]
+            return [*notify, *(SignalEpoch(e, sig) for e in sorted(self.live))]
         if name == "USR1":
             return [SignalEpoch(e, "USR1") for e in sorted(self.live)]
         if name == "HUP":
@@ -109,7 +118,11 @@ class Restarter:
                 self.pending_restart = True
                 return [Log(f"SIGHUP while epoch {self.starting} starts: queued")]
             self.reloads += 1
-            return [Log(f"SIGHUP: hot restart to epoch {self.next_epoch}"), *self._spawn()]
+            return [
+                Log(f"SIGHUP: hot restart to epoch {self.next_epoch}"),
+                Notify(f"RELOADING=1\nSTATUS=reloading: starting epoch {self.next_epoch}"),
+                *self._spawn(),
+            ]
         return [Log(f"SIG{name}: ignored")]
 
     def on_epoch_ready(self, epoch: int) -> list[Action]:
@@ -118,7 +131,11 @@ class Restarter:
         self.starting = None
         self.serving = epoch
         self.crashes = 0
-        actions: list[Action] = [Log(f"epoch {epoch} serves")]
+        actions: list[Action] = [
+            Log(f"epoch {epoch} serves"),
+            Notify(f"READY=1\nSTATUS=epoch {epoch} serves; {self.reloads} reload(s), "
+                   f"{self.reload_failures} failed"),
+        ]
         if self.pending_restart and self.stopping is None:
             self.pending_restart = False
             self.reloads += 1
@@ -141,8 +158,9 @@ class Restarter:
                 # A failed reload: the epoch that was serving goes on serving.
                 self.reload_failures += 1
                 self.pending_restart = False
-                return [Log(f"reload failed: epoch {epoch} exited with {code}; epoch "
-                            f"{max(self.live)} keeps serving (fix the config, then SIGHUP)")]
+                msg = (f"reload failed: epoch {epoch} exited with {code}; epoch "
+                       f"{max(self.live)} keeps serving (fix the config, then SIGHUP)")
+                return [Log(msg), Notify(f"READY=1\nSTATUS={msg}")]
             self.exit_code = code
             return [Log(f"epoch {epoch} exited with {code}: not relaunching (fix the cause)"),
                     Exit(code)]

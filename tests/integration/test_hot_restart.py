@@ -277,3 +277,51 @@ def test_kill_9_of_the_epoch_refuses_no_connection(tmp_path: Path) -> None:
     finally:
         agent.stop()
         up.close()
+
+
+def test_sd_notify_and_socket_activation(tmp_path: Path) -> None:
+    """The agent as systemd sees it: an activated socket, READY, RELOADING, READY, STOPPING."""
+    import socket as so
+
+    up = PyUpstream()
+    notify = so.socket(so.AF_UNIX, so.SOCK_DGRAM)
+    notify.bind(f"\0trioxy-it-notify-{os.getpid()}")
+    notify.settimeout(20)
+    activated = so.socket()
+    activated.bind(("127.0.0.1", 0))
+    activated.listen(128)
+    port = activated.getsockname()[1]
+    cfg = tmp_path / "envoy.yaml"
+    cfg.write_text(proxy_config(port, up.port))
+    log = tmp_path / "agent.log"
+    fd = activated.fileno()
+    cmd = (f"exec 3<&{fd}; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=http exec {sys.executable}"
+           f" -m supervisor.agent -c {cfg} --concurrency 1 --drain-time-s 1"
+           f" --parent-shutdown-time-s 2 --base-id {os.getpid() % 60000 + 2000}")
+    env = {**os.environ, "NOTIFY_SOCKET": f"@trioxy-it-notify-{os.getpid()}"}
+    proc = subprocess.Popen(["bash", "-c", cmd], cwd=ROOT, env=env, pass_fds=[fd],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    activated.close()  # only systemd (here: the agent) holds it now
+
+    def next_state() -> list[str]:
+        return notify.recv(4096).decode().split("\n")
+
+    try:
+        first = next_state()
+        assert first[0] == "READY=1", first
+        assert http_get(port, "/ok")[0] == 200  # served on the activated socket
+        assert "socket activation" in log.read_text()
+        proc.send_signal(signal.SIGHUP)
+        reloading = next_state()
+        assert reloading[0] == "RELOADING=1"
+        assert any(line.startswith("MONOTONIC_USEC=") for line in reloading)
+        assert next_state()[0] == "READY=1"
+        assert http_get(port, "/ok")[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        assert next_state()[0] == "STOPPING=1"
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()
+        up.close()

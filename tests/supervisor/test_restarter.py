@@ -6,6 +6,7 @@ from supervisor.restarter import (
     FATAL_EXIT_CODES,
     Exit,
     Log,
+    Notify,
     Restarter,
     SignalEpoch,
     SpawnEpoch,
@@ -19,7 +20,8 @@ def test_start_spawns_epoch_zero() -> None:
 def test_term_drains_every_live_epoch_then_exits_when_last_one_leaves() -> None:
     r = Restarter()
     r.on_start()
-    assert r.on_signal("TERM") == [SignalEpoch(0, "TERM")]
+    assert r.on_signal("TERM") == [Notify("STOPPING=1\nSTATUS=SIGTERM: stopping"),
+                                   SignalEpoch(0, "TERM")]
     assert r.on_epoch_exit(0, 0) == [Exit(0)]
 
 
@@ -27,7 +29,8 @@ def test_int_and_quit_are_fast_exits() -> None:
     for name in ("INT", "QUIT"):
         r = Restarter()
         r.on_start()
-        assert r.on_signal(name) == [SignalEpoch(0, "INT")]
+        assert [a for a in r.on_signal(name) if not isinstance(a, Notify)] == [
+            SignalEpoch(0, "INT")]
 
 
 def test_usr1_is_forwarded() -> None:
@@ -126,3 +129,14 @@ def test_hup_during_shutdown_is_ignored() -> None:
     r.on_start()
     r.on_signal("TERM")
     assert spawned(r.on_signal("HUP")) == []
+
+
+def test_sd_notify_states_follow_the_reload() -> None:
+    r = Restarter()
+    r.on_start()
+    states = [a.state for a in r.on_epoch_ready(0) if isinstance(a, Notify)]
+    assert states[0].startswith("READY=1\nSTATUS=epoch 0 serves")
+    states = [a.state for a in r.on_signal("HUP") if isinstance(a, Notify)]
+    assert states[0].startswith("RELOADING=1\n")
+    states = [a.state for a in r.on_epoch_exit(1, 1) if isinstance(a, Notify)]
+    assert states[0].startswith("READY=1\nSTATUS=reload failed: epoch 1 exited with 1")
