@@ -52,9 +52,14 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         description="Supervise trioxy epochs; every other flag is passed to trioxy.",
     )
     p.add_argument("-l", "--log-level", default="info")
-    p.add_argument("--base-id", type=int, default=0)
+    p.add_argument("--base-id", type=int, default=0,
+                   help="names the hot-restart sockets and the stats segment (default 0)")
+    p.add_argument("--use-dynamic-base-id", action="store_true",
+                   help="pick an unused base id (see --base-id-path)")
+    p.add_argument("--base-id-path", help="write the base id in use to this file")
+    p.add_argument("--pidfile", help="write the agent's pid here; refuse if a live agent has it")
     ns, rest = p.parse_known_args(argv)
-    return ns, rest + ["--log-level", ns.log_level, "--base-id", str(ns.base_id)]
+    return ns, rest + ["--log-level", ns.log_level]
 
 
 class Agent:
@@ -85,7 +90,7 @@ class Agent:
             await trio.sleep(delay_s)
         ready_r, ready_w = os.pipe()
         argv = [
-            sys.executable, "-m", "proxy.cli", *self.epoch_args,
+            sys.executable, "-m", "proxy.cli", *self.epoch_args, "--base-id", str(self.base_id),
             "--restart-epoch", str(epoch), "--ready-fd", str(ready_w),
             "--parent-epoch", str(-1 if parent is None else parent),
         ]
@@ -155,15 +160,34 @@ class Agent:
             elif isinstance(a, Notify):
                 self.notifier.notify(a.state)
 
-    async def run(self) -> int:
+    async def _claim_base_id(self, dynamic: bool) -> None:
+        """Bind the socket store's address: the base id is ours only if that succeeds."""
+        import random
+
+        tries = 100 if dynamic else 1
+        for attempt in range(tries):
+            try:
+                await self.nursery.start(
+                    serve_children, self.base_id, STORE, self._store_handlers()
+                )
+                return
+            except HotRestartError:
+                if attempt == tries - 1:
+                    raise
+                self.base_id = random.randrange(1, 1 << 20)
+
+    async def run(self, dynamic_base_id: bool = False, base_id_path: str | None = None) -> int:
         with trio.open_signal_receiver(*_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 try:
-                    await nursery.start(serve_children, self.base_id, STORE, self._store_handlers())
+                    await self._claim_base_id(dynamic_base_id)
                 except HotRestartError as exc:
                     log.critical("%s", exc)
                     return 2  # the epochs would collide too: a boot error
+                if base_id_path:
+                    await trio.Path(base_id_path).write_text(f"{self.base_id}\n")
+                log.info("base id %d", self.base_id)
                 self._perform(self.policy.on_start())
                 async for signum in signals:
                     self._perform(self.policy.on_signal(_SIGNALS[signum]))
@@ -175,7 +199,20 @@ def main(argv: list[str] | None = None) -> int:
     from proxy.server.logging_setup import setup_logging
 
     setup_logging(ns.log_level, "agent")
-    return trio.run(Agent(epoch_args, ns.base_id).run)
+    from supervisor import pidfile
+
+    if ns.pidfile:
+        try:
+            pidfile.acquire(ns.pidfile)
+        except (pidfile.PidFileError, OSError) as exc:
+            log.critical("%s", exc)
+            return 2
+    try:
+        agent = Agent(epoch_args, ns.base_id)
+        return trio.run(agent.run, ns.use_dynamic_base_id, ns.base_id_path)
+    finally:
+        if ns.pidfile:
+            pidfile.release(ns.pidfile)
 
 
 if __name__ == "__main__":

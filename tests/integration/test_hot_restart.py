@@ -325,3 +325,133 @@ def test_sd_notify_and_socket_activation(tmp_path: Path) -> None:
             proc.kill()
         notify.close()
         up.close()
+
+
+def test_second_agent_on_a_base_id_fails_fast_and_dynamic_ids_do_not_collide(
+    tmp_path: Path,
+) -> None:
+    up = PyUpstream()
+    port, port2 = free_port(), free_port()
+    cfg = tmp_path / "envoy.yaml"
+    cfg.write_text(proxy_config(port, up.port))
+    cfg2 = tmp_path / "envoy2.yaml"
+    cfg2.write_text(proxy_config(port2, up.port))
+    first = Agent(cfg, tmp_path / "a1.log")
+    second = None
+    third = None
+    try:
+        wait_for_port(port, proc=first.proc)
+        base = str(os.getpid() % 60000 + 1000)
+        started = time.monotonic()
+        second = subprocess.run(
+            [sys.executable, "-m", "supervisor.agent", "-c", str(cfg2), "--base-id", base],
+            cwd=ROOT, capture_output=True, text=True, timeout=30,
+        )
+        assert second.returncode == 2
+        assert f"--base-id {base}" in second.stdout + second.stderr
+        assert time.monotonic() - started < 5  # (interpreter start included)
+        id_path = tmp_path / "base-id"
+        third = Agent(cfg2, tmp_path / "a3.log", "--use-dynamic-base-id",
+                      "--base-id-path", str(id_path))
+        wait_for_port(port2, proc=third.proc)
+        assert http_get(port2, "/ok")[0] == 200
+        chosen = int(id_path.read_text())
+        assert str(chosen) != base
+    finally:
+        first.stop()
+        if third is not None:
+            third.stop()
+        up.close()
+
+
+def test_concurrency_changes_across_restarts_reset_no_queued_connection(tmp_path: Path) -> None:
+    """Epochs 2 → 1 → 3 workers, started by hand as an operator would, with a full queue."""
+    import socket as so
+
+    up = PyUpstream()
+    port = free_port()
+    cfg = tmp_path / "envoy.yaml"
+    cfg.write_text(proxy_config(port, up.port))
+    base = str(os.getpid() % 60000 + 3000)
+    epochs: list[subprocess.Popen] = []
+
+    def start(epoch: int, concurrency: int) -> subprocess.Popen:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "-c", str(cfg), "--base-id", base,
+             "--restart-epoch", str(epoch), "--concurrency", str(concurrency),
+             "--drain-time-s", "1", "--parent-shutdown-time-s", "2"],
+            cwd=ROOT, stdout=open(tmp_path / f"e{epoch}.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        epochs.append(p)
+        return p
+
+    try:
+        start(0, 2)
+        wait_for_port(port, proc=epochs[0])
+        time.sleep(1.0)  # every worker of epoch 0 accepts
+        for epoch, concurrency in ((1, 1), (2, 3)):
+            # Connections that wait in the kernel's accept queue across the handover: the
+            # serving epoch's workers are stopped, so nobody accepts them until epoch+1.
+            old_workers = psutil.Process(epochs[epoch - 1].pid).children()
+            for w in old_workers:
+                w.suspend()
+            queued = [so.create_connection(("127.0.0.1", port), timeout=10) for _ in range(30)]
+            start(epoch, concurrency)
+            deadline = time.monotonic() + 20
+            while "ready" not in (tmp_path / f"e{epoch}.log").read_text():
+                assert time.monotonic() < deadline, (tmp_path / f"e{epoch}.log").read_text()
+                time.sleep(0.05)
+            for w in old_workers:
+                w.resume()
+            for s in queued:
+                s.sendall(b"GET /ok HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+            for s in queued:
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+                assert data.startswith(b"HTTP/1.1 200 "), data[:100]
+                s.close()
+            epochs[epoch - 1].wait(10)  # the parent drained and left
+        assert http_get(port, "/ok")[0] == 200
+    finally:
+        for p in epochs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(10)
+        up.close()
+
+
+def test_no_fd_growth_across_restarts(tmp_path: Path) -> None:
+    up = PyUpstream()
+    port = free_port()
+    cfg = tmp_path / "envoy.yaml"
+    cfg.write_text(proxy_config(port, up.port))
+    agent = Agent(cfg, tmp_path / "agent.log")
+    try:
+        wait_for_port(port, proc=agent.proc)
+        agent.wait_log("epoch 0 serves")
+        me = psutil.Process(agent.proc.pid)
+
+        def restart(n: int) -> None:
+            agent.proc.send_signal(signal.SIGHUP)
+            agent.wait_log(f"epoch {n} serves", timeout=30)
+
+        restart(1)
+        restart(2)
+        time.sleep(0.5)
+        fds_before = me.num_fds()
+        for n in range(3, 13):
+            restart(n)
+        time.sleep(0.5)
+        assert me.num_fds() <= fds_before, (fds_before, me.num_fds())
+        deadline = time.monotonic() + 10
+        while len(agent.epochs()) > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (serving,) = agent.epochs()
+        fds_epoch = serving.num_fds()
+        assert fds_epoch < 40, fds_epoch
+        assert http_get(port, "/ok")[0] == 200
+    finally:
+        agent.stop()
+        up.close()
