@@ -92,6 +92,26 @@ class Agent:
         return self.proc.returncode
 
 
+def restart_times(log: str) -> list[float]:
+    """Seconds from 'hot restart to epoch N' to 'epoch N serves', from the agent's log."""
+    import re
+    from datetime import datetime
+
+    def ts(line: str) -> float:
+        return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+
+    start: dict[str, float] = {}
+    out = []
+    for line in log.splitlines():
+        m = re.search(r"hot restart to epoch (\d+)", line)
+        if m:
+            start[m.group(1)] = ts(line)
+        m = re.search(r"\[agent\] epoch (\d+) serves", line)
+        if m and m.group(1) in start:
+            out.append(ts(line) - start[m.group(1)])
+    return out
+
+
 class Load:
     """Clients for a bounded time: keep-alive ones and one-request-per-connection ones."""
 
@@ -180,7 +200,10 @@ def test_sighups_under_load_fail_no_request(tmp_path: Path) -> None:
         assert last.pid != first
         assert "handed over 1 listening socket(s)" in agent.log
         assert http_get(port, "/ok")[0] == 200
-        print(f"\n{load.ok} requests, 0 failed, {hups} SIGHUPs in {elapsed:.1f} s")
+        times = restart_times(agent.log)
+        print(f"\n{load.ok} requests, 0 failed, {hups} SIGHUPs in {elapsed:.1f} s; "
+              f"{len(times)} restarts, SIGHUP to new epoch serving: "
+              f"median {sorted(times)[len(times) // 2]:.2f} s, max {max(times):.2f} s")
         assert agent.stop() == 0
     finally:
         agent.stop()
