@@ -40,7 +40,7 @@ from proxy.http.codec.events import (
 )
 from proxy.http.filter_manager import STOP_ITERATION, FilterStatus
 from proxy.network.fast_io import receive_some, send_all
-from proxy.stream_info import Outcome, ResponseFlag
+from proxy.stream_info import LOCAL_REPLIES, Outcome, ResponseFlag
 from proxy.upstream.conn_pool import UpstreamConnection, pool_for
 from proxy.upstream.connect import UpstreamConnectError
 from proxy.upstream.load_balancer import LoadBalancerContext
@@ -95,6 +95,7 @@ class _UpstreamReset(Exception):
 class RouterFilter:
     __slots__ = (
         "config", "cb", "uc", "pool", "cluster", "host", "timeout", "timer", "timed_out",
+        "idle_timer", "stream_idle", "timeout_outcome",
         "request_done_at", "request_sent_all", "response_started", "response_done",
         "body_sent", "sent_at", "_headers",
     )
@@ -109,6 +110,9 @@ class RouterFilter:
         self.timeout: float | None = None
         self.timer: Any = None
         self.timed_out = False
+        self.idle_timer: Any = None
+        self.stream_idle: float | None = None
+        self.timeout_outcome = Outcome.UPSTREAM_REQUEST_TIMEOUT
         self.request_done_at: float | None = None  # trio clock, when the request ended
         self.request_sent_all = False
         self.response_started = False
@@ -230,6 +234,13 @@ class RouterFilter:
         if self.uc is not None:
             trio.lowlevel.notify_closing(self.uc.sock)  # wakes the upstream read
 
+    def _on_stream_idle(self) -> None:
+        self.idle_timer = None
+        if self.response_done or self.timed_out:
+            return
+        self.timeout_outcome = Outcome.STREAM_IDLE_TIMEOUT
+        self._on_timeout()
+
     async def _send_headers(self, headers: HeaderMap, end_stream: bool, allow_retry: bool) -> bool:
         """Take a connection and write the request head; False when a local reply was sent."""
         cb = self.cb
@@ -285,6 +296,12 @@ class RouterFilter:
     async def _run_response(self) -> None:
         if self.request_done_at is not None:
             self._arm_timeout()
+        # The HCM's stream_idle_timeout bounds each wait for upstream bytes; with Envoy's
+        # defaults (15 s route timeout, 5 min idle) the route timeout comes first, and no
+        # idle timer is armed at all.
+        idle = self.cb.config.stream_idle_timeout
+        if idle is not None and (self.timeout is None or self.timeout > idle):
+            self.stream_idle = idle
         try:
             await self._relay_response()
         except _RouteTimeout:
@@ -303,13 +320,17 @@ class RouterFilter:
     async def _on_route_timeout(self) -> None:
         cb = self.cb
         self.response_done = True
-        self.cluster.cluster_stats.upstream_rq_timeout.inc()
+        outcome = self.timeout_outcome
+        if outcome is Outcome.UPSTREAM_REQUEST_TIMEOUT:
+            self.cluster.cluster_stats.upstream_rq_timeout.inc()
+        else:
+            cb.hcm_stats.rq_idle_timeout.inc()
         self._drop_upstream()
         if self.response_started:
-            cb.stream_info.set_response_flag(ResponseFlag.UPSTREAM_REQUEST_TIMEOUT)
-            cb.reset_stream("upstream_response_timeout")
+            cb.stream_info.set_response_flag(LOCAL_REPLIES[outcome].flag)
+            cb.reset_stream(LOCAL_REPLIES[outcome].details)
         else:
-            await cb.send_outcome(Outcome.UPSTREAM_REQUEST_TIMEOUT)
+            await cb.send_outcome(outcome)
 
     async def _relay_response(self) -> None:
         cb = self.cb
@@ -325,6 +346,10 @@ class RouterFilter:
                     await cb.flush()  # before waiting: what we have goes out now
                     if self.timed_out:
                         raise _RouteTimeout
+                    if self.stream_idle is not None:
+                        self.idle_timer = cb.worker.timers.call_later(
+                            self.stream_idle, self._on_stream_idle
+                        )
                     try:
                         data = await receive_some(uc.sock, _RECV, wait_first)
                         wait_first = False
@@ -332,6 +357,10 @@ class RouterFilter:
                         if self.timed_out:
                             raise _RouteTimeout from None
                         data = b""
+                    finally:
+                        if self.idle_timer is not None:
+                            self.idle_timer.cancel()
+                            self.idle_timer = None
                     if data and info.first_upstream_rx_byte is None:
                         info.first_upstream_rx_byte = time.monotonic()
                     codec.receive_data(data)

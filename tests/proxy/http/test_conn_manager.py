@@ -596,3 +596,19 @@ async def test_request_the_proxy_cannot_write_upstream_is_a_local_reset(
 
     file_sink.flush_all(2.0)
     assert log.read_text().split(" ")[1] == "LR"
+
+
+async def test_stream_idle_timeout_bounds_an_upstream_that_goes_quiet(upstream: Upstream) -> None:
+    routes = """
+    - match: {prefix: "/"}
+      route: {cluster: backend, timeout: 0s}
+    """
+    async with run_proxy(config(routes=routes, clusters=cluster("backend", upstream.port),
+                                hcm_extra="\nstream_idle_timeout: 0.3s")) as p:
+        c = await Client.connect(p.port)
+        start = trio.current_time()
+        r = await c.request("GET", "/slow?ms=2000")
+        assert r.status == 408 and r.body == b"stream timeout"
+        assert trio.current_time() - start < 1.5
+        await c.aclose()
+        assert p.worker.stats.counters["http.ingress_http.downstream_rq_idle_timeout"].value == 1
