@@ -14,6 +14,8 @@ log = logging.getLogger("trioxy.main")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["stats"]:
+        return _stats(argv[1:])
     try:
         opts, ns = parse_options(argv)
     except UsageError as exc:
@@ -54,6 +56,26 @@ def main(argv: list[str] | None = None) -> int:
     from proxy.server.instance import serve
 
     return serve(opts, snapshot, bootstrap)
+
+
+def _stats(argv: list[str]) -> int:
+    """``trioxy stats [--base-id N]``: every process's stats, summed, in Envoy's text form."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="trioxy stats")
+    p.add_argument("--base-id", type=int, default=0)
+    p.add_argument("--filter", default="", help="only stats whose name contains this")
+    ns = p.parse_args(argv)
+    from shm.segment import Segment, SegmentError, format_stats, read_stats
+
+    try:
+        seg = Segment.open(ns.base_id, create=False, reclaim_stale=False)
+    except SegmentError as exc:
+        print(f"trioxy stats: {exc}", file=sys.stderr)
+        return 1
+    lines = format_stats(read_stats(seg)).splitlines()
+    sys.stdout.write("".join(f"{line}\n" for line in lines if ns.filter in line))
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

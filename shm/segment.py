@@ -363,7 +363,11 @@ class Stats:
 
 
 def read_stats(seg: Segment) -> Stats:
+    """Counters summed over every slot ever used; gauges over live processes. The
+    ``server.*`` gauges describe one epoch (its number, uptime, state): they come from the
+    newest live epoch's main process instead of a sum."""
     out = Stats()
+    newest_server: dict[str, tuple[int, int]] = {}
     for info in seg.slots():
         alive = pid_alive(info.pid)
         out.overflow += info.overflow
@@ -371,10 +375,13 @@ def read_stats(seg: Segment) -> Stats:
             if kind == COUNTER:
                 out.counters[name] = out.counters.get(name, 0) + value
             elif kind == GAUGE:
-                if alive:
-                    out.gauges[name] = out.gauges.get(name, 0) + value
-                else:
+                if not alive:
                     out.gauges.setdefault(name, 0)
+                elif name.startswith("server."):
+                    if name not in newest_server or info.epoch >= newest_server[name][0]:
+                        newest_server[name] = (info.epoch, value)
+                else:
+                    out.gauges[name] = out.gauges.get(name, 0) + value
             elif kind == HISTOGRAM:
                 counts, hsum, hcount = value
                 prev = out.histograms.get(name)
@@ -385,6 +392,8 @@ def read_stats(seg: Segment) -> Stats:
                         [a + b for a, b in zip(prev[0], counts, strict=True)],
                         prev[1] + hsum, prev[2] + hcount,
                     )
+    for name, (_, value) in newest_server.items():
+        out.gauges[name] = value
     return out
 
 

@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,8 @@ from proxy.server.hot_restart import (
 )
 from proxy.server.lifeline import watch_parent
 from proxy.server.options import ExitCode, Options
+from proxy.server.stats_flush import MAIN_SLOT, flush_forever, open_slot
+from proxy.stats import Store
 
 log = logging.getLogger("trioxy.main")
 
@@ -102,6 +105,17 @@ class Instance:
         self.workers = [WorkerHandle(i) for i in range(options.concurrency)]
         self.shutting_down = False
         self.worker_restarts = 0
+        self.started = time.monotonic()
+        self.stats = Store()
+        self.stats_writer: Any = None
+        if not options.disable_hot_restart:  # (stats are shared with later epochs)
+            self.stats_writer = open_slot(
+                options.base_id, options.restart_epoch, MAIN_SLOT, 0, 0, create=True)
+            if self.stats_writer is not None:
+                self.stats_writer.seed(self.stats)
+        self.stats.gauge("server.hot_restart_epoch").set(options.restart_epoch)
+        self.stats.gauge("server.concurrency").set(options.concurrency)
+        self._worker_restarts = self.stats.counter("server.worker_restarts")
 
     # -- sockets ---------------------------------------------------------------------
     def listener_keys(self) -> list[str]:
@@ -155,6 +169,12 @@ class Instance:
             self.options.log_level,
             "--parent-pid",
             str(os.getpid()),
+            "--base-id",
+            str(self.options.base_id),
+            "--epoch",
+            str(self.options.restart_epoch),
+            "--stats-slot",
+            str(index + 1 if self.stats_writer is not None else -1),
         ]
         for li, s in enumerate(self.sockets):
             argv += ["--listen-fd", f"{li}={s.fileno()}"]
@@ -199,6 +219,7 @@ class Instance:
             if not started:
                 raise BootError(f"worker {handle.index} exited with {rc} before accepting")
             self.worker_restarts += 1
+            self._worker_restarts.inc()
             delay = WORKER_RESTART_BACKOFF_S[min(handle.restarts, len(WORKER_RESTART_BACKOFF_S) - 1)]
             handle.restarts += 1
             log.warning(
@@ -245,6 +266,12 @@ class Instance:
         await self._wait_workers(2.0)
         self.nursery.cancel_scope.cancel()
 
+    def _server_gauges(self) -> None:
+        s = self.stats
+        s.gauge("server.uptime").set(int(time.monotonic() - self.started))
+        s.gauge("server.state").set(1 if self.shutting_down else 0)  # LIVE, DRAINING
+        s.gauge("server.live").set(0 if self.shutting_down else 1)
+
     def _on_child_drain(self) -> None:
         # The child bounds our life with Terminate at --parent-shutdown-time-s; this is a
         # backstop should that message never come.
@@ -279,6 +306,9 @@ class Instance:
             try:
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
+                    if self.stats_writer is not None:
+                        nursery.start_soon(
+                            flush_forever, self.stats_writer, self.stats, self._server_gauges)
                     if opts.ready_fd is not None:  # started by the agent: never outlive it
                         nursery.start_soon(
                             watch_parent, os.getppid(),

@@ -23,6 +23,7 @@ import trio
 
 from proxy.server.drain_manager import DrainStrategy
 from proxy.server.lifeline import watch_parent
+from proxy.server.stats_flush import flush_forever, open_slot
 from proxy.server.worker_context import WorkerContext
 
 log = logging.getLogger("trioxy.worker")
@@ -38,6 +39,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--drain-strategy", default="gradual")
     p.add_argument("--log-level", default="info")
     p.add_argument("--parent-pid", type=int, default=0)
+    p.add_argument("--base-id", type=int, default=0)
+    p.add_argument("--epoch", type=int, default=0)
+    p.add_argument("--stats-slot", type=int, default=-1, help="shared-memory slot; -1: none")
     return p.parse_args(argv)
 
 
@@ -51,6 +55,7 @@ async def serve(
     ready: trio.Event | None = None,
     on_ready: object = None,
     parent_pid: int = 0,
+    stats_writer: object = None,
 ) -> None:
     """Run the worker until SIGTERM's drain completes or SIGINT."""
     from proxy.access_log import file_sink
@@ -59,6 +64,8 @@ async def serve(
     from proxy.upstream.cluster_manager import ClusterManager
 
     stats = Store()
+    if stats_writer is not None:
+        stats_writer.seed(stats)  # type: ignore[attr-defined]  (counters continue)
     worker = WorkerContext(
         cluster_manager=ClusterManager(snapshot.clusters, stats),  # type: ignore[attr-defined]
         snapshot=snapshot,  # type: ignore[arg-type]
@@ -85,6 +92,8 @@ async def serve(
                 root.cancel_scope.deadline = trio.current_time() + grace
 
             root.start_soon(watch_parent, parent_pid, orphaned)
+            if stats_writer is not None:
+                root.start_soon(flush_forever, stats_writer, stats)
             await root.start(worker.timers.run)
             await root.start(worker.cluster_manager.run)
             async with trio.open_nursery() as connections:
@@ -135,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         li, fd = spec.split("=")
         sockets[int(li)] = socket.socket(fileno=int(fd))
     out = os.fdopen(os.dup(1), "w")
+    writer = None
+    if args.stats_slot >= 0:
+        writer = open_slot(args.base_id, args.epoch, args.stats_slot, 1, args.index,
+                           create=False)
 
     def on_ready() -> None:
         out.write("READY\n")
@@ -150,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 drain_strategy=DrainStrategy(args.drain_strategy),
                 on_ready=on_ready,
                 parent_pid=args.parent_pid,
+                stats_writer=writer,
             )
         )
     except KeyboardInterrupt:

@@ -56,7 +56,7 @@ class Agent:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor.agent", "-c", str(cfg), "--concurrency", "2",
              "--drain-time-s", "1", "--parent-shutdown-time-s", "3",
-             "--base-id", str(os.getpid() % 60000 + 1000), *extra],
+             *(extra or ("--base-id", str(os.getpid() % 60000 + 1000)))],
             cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
         )
 
@@ -478,3 +478,56 @@ def test_no_fd_growth_across_restarts(tmp_path: Path) -> None:
     finally:
         agent.stop()
         up.close()
+
+
+def read_stats(base: str) -> dict[str, str]:
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "stats", "--base-id", base],
+                       cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return dict(line.split(": ", 1) for line in r.stdout.splitlines())
+
+
+def test_counters_keep_counting_across_hot_restarts(tmp_path: Path) -> None:
+    up = PyUpstream()
+    port = free_port()
+    cfg = tmp_path / "envoy.yaml"
+    cfg.write_text(proxy_config(port, up.port))
+    base = str(os.getpid() % 60000 + 4000)
+    agent = Agent(cfg, tmp_path / "agent.log", "--base-id", base)
+
+    def total_after(expected: int) -> dict[str, str]:
+        deadline = time.monotonic() + 10
+        while True:
+            stats = read_stats(base)
+            if int(stats.get("http.ingress.downstream_rq_total", 0)) >= expected:
+                return stats
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.3)
+
+    try:
+        wait_for_port(port, proc=agent.proc)
+        agent.wait_log("epoch 0 serves")
+        for _ in range(30):
+            assert http_get(port, "/ok")[0] == 200
+        stats = total_after(30)
+        assert stats["server.hot_restart_epoch"] == "0"
+        assert int(stats["cluster.upstream.upstream_rq_total"]) == 30
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_log("epoch 1 serves")
+        for _ in range(20):
+            assert http_get(port, "/ok")[0] == 200
+        stats = total_after(50)
+        assert int(stats["http.ingress.downstream_rq_total"]) == 50
+        assert stats["server.hot_restart_epoch"] == "1"
+        deadline = time.monotonic() + 10
+        while len(agent.epochs()) > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stats = read_stats(base)  # epoch 0 is gone; its counts are not
+        assert int(stats["http.ingress.downstream_rq_total"]) == 50
+        assert int(stats["http.ingress.downstream_rq_2xx"]) == 50
+    finally:
+        agent.stop()
+        up.close()
+        from shm.segment import Segment
+
+        Segment.unlink(int(base))
