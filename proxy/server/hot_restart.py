@@ -32,11 +32,14 @@ from typing import Any
 
 import trio
 
+from shm.segment import LAYOUT_VERSION
+
 log = logging.getLogger("trioxy.hot_restart")
 
-# Bump when the messages or the shared-memory layout change incompatibly.
+# Bump when the messages change incompatibly; the shared-memory layout has its own number
+# (shm.segment.LAYOUT_VERSION) and both are part of the version epochs compare.
 PROTOCOL_VERSION = 1
-HOT_RESTART_VERSION = f"trioxy.hot_restart.{PROTOCOL_VERSION}"
+HOT_RESTART_VERSION = f"trioxy.hot_restart.{PROTOCOL_VERSION}.shm.{LAYOUT_VERSION}"
 FDS_PER_MESSAGE = 32
 MAX_MESSAGE = 65536
 CONNECT_TIMEOUT_S = 5.0

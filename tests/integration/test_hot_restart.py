@@ -531,3 +531,57 @@ def test_counters_keep_counting_across_hot_restarts(tmp_path: Path) -> None:
         from shm.segment import Segment
 
         Segment.unlink(int(base))
+
+
+def test_kills_mid_handover_and_mid_drain_never_stop_the_service(tmp_path: Path) -> None:
+    up = PyUpstream()
+    port = free_port()
+    cfg = tmp_path / "envoy.yaml"
+    cfg.write_text(proxy_config(port, up.port))
+    agent = Agent(cfg, tmp_path / "agent.log")
+    refused: list[str] = []
+    done = threading.Event()
+
+    def prober() -> None:
+        while not done.is_set():
+            try:
+                http_get(port, "/ok", timeout=15)
+            except ConnectionRefusedError as exc:
+                refused.append(repr(exc))
+            except (OSError, http.client.HTTPException):
+                pass  # an in-flight request on a killed epoch may fail; a refusal may not
+            time.sleep(0.02)
+
+    try:
+        wait_for_port(port, proc=agent.proc)
+        agent.wait_log("epoch 0 serves")
+        t = threading.Thread(target=prober, daemon=True)
+        t.start()
+        # 1. The new epoch dies while it takes over.
+        old = {p.pid for p in agent.epochs()}
+        agent.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not (new := [p for p in agent.epochs() if p.pid not in old]):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        new[0].kill()
+        agent.wait_log("epoch 2 serves", timeout=30)  # relaunched from epoch 0's sockets
+        # 2. The old epoch dies while it drains.
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_log("epoch 3 serves", timeout=30)
+        for p in agent.epochs():
+            if p.cmdline()[-1] != "-1" and "--restart-epoch" in p.cmdline():
+                idx = p.cmdline().index("--restart-epoch")
+                if p.cmdline()[idx + 1] == "2":
+                    p.kill()
+        # 3. The next reload still works.
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_log("epoch 4 serves", timeout=30)
+        assert http_get(port, "/ok")[0] == 200
+        done.set()
+        t.join(20)
+        assert refused == []
+    finally:
+        done.set()
+        agent.stop()
+        up.close()
