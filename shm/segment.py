@@ -3,8 +3,9 @@
 Theory of operation:
 1. ``/trioxy.<base-id>`` holds a self-describing header (magic, layout version, size,
    INITIALIZING flag, creator pid/uid, creation time, layout parameters) and
-   ``REGIONS × SLOTS_PER_REGION`` slots. An epoch uses region ``epoch % REGIONS``: at most
-   three epochs live, so a region is reused only once its previous epoch is dead. Within a
+   ``REGIONS × SLOTS_PER_REGION`` slots. An epoch uses region ``epoch % EPOCH_REGIONS``: at
+   most three epochs live, so a region is reused only once its previous epoch is dead. The
+   last region is the agent's (slot 0: reloads, failed reloads, relaunches). Within a
    region the epoch's main process hands out slots (0: itself, 1..: workers by index), so
    claiming a slot needs no lock, and nothing a SIGKILLed process holds can wedge anyone.
 2. A slot is its writer's alone: a name table (name, kind, value) plus histogram bucket
@@ -31,8 +32,10 @@ from typing import Any
 import posix_ipc
 
 MAGIC = b"TRIOXYST"
-LAYOUT_VERSION = 1
-REGIONS = 4
+LAYOUT_VERSION = 2
+EPOCH_REGIONS = 4
+AGENT_REGION = EPOCH_REGIONS
+REGIONS = EPOCH_REGIONS + 1
 SLOTS_PER_REGION = 65
 STATS_PER_SLOT = 2048
 NAME_LEN = 112

@@ -32,10 +32,14 @@ from proxy.server.hot_restart import (
     ParentHandlers,
     serve_children,
 )
+from proxy.server.stats_flush import AGENT_ROLE, flush_forever, open_slot
+from proxy.stats import Store
 from supervisor.restarter import Action, Exit, Log, Notify, Restarter, SignalEpoch, SpawnEpoch
 from supervisor.sd_notify import Notifier, listen_fds
 
 log = logging.getLogger("trioxy.agent")
+
+_AGENT_COUNTERS = ("agent.reload_total", "agent.reload_failed", "agent.epoch_relaunch")
 
 _SIGNALS = {
     signal.SIGHUP: "HUP",
@@ -72,6 +76,25 @@ class Agent:
         self.store: dict[str, socket.socket] = {}  # the serving epoch's listening sockets
         self.notifier = Notifier()
         self._adopt_socket_activation()
+        self.stats = Store()
+        self.stats_writer: Any = None
+        self._stat_base: dict[str, int] = {}
+
+    def _open_stats(self) -> None:
+        """The agent's own counters, in the stats segment beside the epochs'."""
+        self.stats_writer = open_slot(self.base_id, 0, 0, AGENT_ROLE, 0, create=True)
+        if self.stats_writer is not None:
+            self.stats_writer.seed(self.stats)
+        for name in _AGENT_COUNTERS:
+            self._stat_base[name] = self.stats.counter(name).value
+
+    def _update_stats(self) -> None:
+        p = self.policy
+        for name, value in (("agent.reload_total", p.reloads),
+                            ("agent.reload_failed", p.reload_failures),
+                            ("agent.epoch_relaunch", p.relaunches)):
+            self.stats.counter(name).value = self._stat_base.get(name, 0) + value
+        self.stats.gauge("agent.epochs_alive").set(len(p.live))
 
     def _adopt_socket_activation(self) -> None:
         """systemd socket activation: LISTEN_FDS sockets seed the store epoch 0 takes from."""
@@ -188,6 +211,10 @@ class Agent:
                 if base_id_path:
                     await trio.Path(base_id_path).write_text(f"{self.base_id}\n")
                 log.info("base id %d", self.base_id)
+                self._open_stats()
+                if self.stats_writer is not None:
+                    nursery.start_soon(
+                        flush_forever, self.stats_writer, self.stats, self._update_stats)
                 self._perform(self.policy.on_start())
                 async for signum in signals:
                     self._perform(self.policy.on_signal(_SIGNALS[signum]))

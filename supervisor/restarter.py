@@ -79,6 +79,7 @@ class Restarter:
         self.pending_restart = False
         self.reloads = 0
         self.reload_failures = 0
+        self.relaunches = 0
 
     def on_start(self) -> list[Action]:
         return self._spawn()
@@ -170,6 +171,7 @@ class Restarter:
             return [Log(f"epoch {epoch} exited")]
         delay = RELAUNCH_BACKOFF_S[min(self.crashes, len(RELAUNCH_BACKOFF_S) - 1)]
         self.crashes += 1
+        self.relaunches += 1
         return [
             Log(f"epoch {epoch} exited unexpectedly with {code}; relaunching in {delay:g} s"),
             *self._spawn(delay),

@@ -42,7 +42,7 @@ from proxy.server.hot_restart import (
 )
 from proxy.server.lifeline import watch_parent
 from proxy.server.options import ExitCode, Options
-from proxy.server.stats_flush import MAIN_SLOT, flush_forever, open_slot
+from proxy.server.stats_flush import MAIN_ROLE, MAIN_SLOT, flush_forever, open_slot
 from proxy.stats import Store
 
 log = logging.getLogger("trioxy.main")
@@ -110,7 +110,7 @@ class Instance:
         self.stats_writer: Any = None
         if not options.disable_hot_restart:  # (stats are shared with later epochs)
             self.stats_writer = open_slot(
-                options.base_id, options.restart_epoch, MAIN_SLOT, 0, 0, create=True)
+                options.base_id, options.restart_epoch, MAIN_SLOT, MAIN_ROLE, 0, create=True)
             if self.stats_writer is not None:
                 self.stats_writer.seed(self.stats)
         self.stats.gauge("server.hot_restart_epoch").set(options.restart_epoch)

@@ -21,16 +21,18 @@ log = logging.getLogger("trioxy.stats")
 
 FLUSH_INTERVAL_S = 1.0
 MAIN_SLOT = 0
+MAIN_ROLE, WORKER_ROLE, AGENT_ROLE = 0, 1, 2
 
 
 def open_slot(base_id: int, epoch: int, slot: int, role: int, worker_index: int,
               create: bool) -> Any:
     """A claimed ``SlotWriter`` for this process, or None when stats cannot be shared."""
-    from shm.segment import REGIONS, Segment, SegmentError, SlotWriter
+    from shm.segment import AGENT_REGION, EPOCH_REGIONS, Segment, SegmentError, SlotWriter
 
     try:
         seg = Segment.open(base_id, create=create, reclaim_stale=create)
-        writer = SlotWriter(seg, epoch % REGIONS, slot)
+        region = AGENT_REGION if role == AGENT_ROLE else epoch % EPOCH_REGIONS
+        writer = SlotWriter(seg, region, slot)
         writer.claim(os.getpid(), epoch, role, worker_index)
         return writer
     except (SegmentError, OSError) as exc:

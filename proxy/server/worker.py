@@ -23,7 +23,7 @@ import trio
 
 from proxy.server.drain_manager import DrainStrategy
 from proxy.server.lifeline import watch_parent
-from proxy.server.stats_flush import flush_forever, open_slot
+from proxy.server.stats_flush import WORKER_ROLE, flush_forever, open_slot
 from proxy.server.worker_context import WorkerContext
 
 log = logging.getLogger("trioxy.worker")
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     out = os.fdopen(os.dup(1), "w")
     writer = None
     if args.stats_slot >= 0:
-        writer = open_slot(args.base_id, args.epoch, args.stats_slot, 1, args.index,
+        writer = open_slot(args.base_id, args.epoch, args.stats_slot, WORKER_ROLE, args.index,
                            create=False)
 
     def on_ready() -> None:

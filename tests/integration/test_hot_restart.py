@@ -92,6 +92,9 @@ class Agent:
         return self.proc.returncode
 
 
+BASE = str(os.getpid() % 60000 + 5000)
+
+
 def restart_times(log: str) -> list[float]:
     """Seconds from 'hot restart to epoch N' to 'epoch N serves', from the agent's log."""
     import re
@@ -216,7 +219,7 @@ def test_bad_config_on_reload_keeps_the_old_epoch_serving(tmp_path: Path) -> Non
     cfg = tmp_path / "envoy.yaml"
     good = proxy_config(port, up.port)
     cfg.write_text(good)
-    agent = Agent(cfg, tmp_path / "agent.log")
+    agent = Agent(cfg, tmp_path / "agent.log", "--base-id", BASE)
     try:
         wait_for_port(port, proc=agent.proc)
         agent.wait_log("epoch 0 serves")
@@ -225,6 +228,10 @@ def test_bad_config_on_reload_keeps_the_old_epoch_serving(tmp_path: Path) -> Non
         agent.proc.send_signal(signal.SIGHUP)
         agent.wait_log("reload failed: epoch 1 exited with 1")
         assert "codec_type" in agent.log  # the epoch said which field
+        deadline = time.monotonic() + 5
+        while read_stats(BASE).get("agent.reload_failed") != "1":
+            assert time.monotonic() < deadline, read_stats(BASE)
+            time.sleep(0.2)
         assert http_get(port, "/ok")[0] == 200
         assert len(agent.epochs()) == 1
         cfg.write_text(good)
