@@ -371,10 +371,14 @@ def read_stats(seg: Segment) -> Stats:
     newest live epoch's main process instead of a sum."""
     out = Stats()
     newest_server: dict[str, tuple[int, int]] = {}
+    connections: dict[int, int] = {}  # epoch -> live downstream connections
     for info in seg.slots():
         alive = pid_alive(info.pid)
         out.overflow += info.overflow
         for name, kind, value in _read_entries(seg, info):
+            if (alive and kind == GAUGE and info.region != AGENT_REGION
+                    and name.startswith("listener.") and name.endswith(".downstream_cx_active")):
+                connections[info.epoch] = connections.get(info.epoch, 0) + value
             if kind == COUNTER:
                 out.counters[name] = out.counters.get(name, 0) + value
             elif kind == GAUGE:
@@ -397,6 +401,12 @@ def read_stats(seg: Segment) -> Stats:
                     )
     for name, (_, value) in newest_server.items():
         out.gauges[name] = value
+    # Envoy's: connections of every live epoch, and of the epochs being replaced.
+    if connections:
+        newest = max(connections)
+        out.gauges["server.total_connections"] = sum(connections.values())
+        out.gauges["server.parent_connections"] = sum(
+            v for e, v in connections.items() if e != newest)
     return out
 
 
