@@ -62,15 +62,18 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="pick an unused base id (see --base-id-path)")
     p.add_argument("--base-id-path", help="write the base id in use to this file")
     p.add_argument("--pidfile", help="write the agent's pid here; refuse if a live agent has it")
+    p.add_argument("--restart-backoff-max-s", type=float, default=30.0,
+                   help="relaunch delays after crashes double from 0.5 s up to this")
     ns, rest = p.parse_known_args(argv)
     return ns, rest + ["--log-level", ns.log_level]
 
 
 class Agent:
-    def __init__(self, epoch_args: list[str], base_id: int = 0) -> None:
+    def __init__(self, epoch_args: list[str], base_id: int = 0,
+                 backoff_max_s: float = 30.0) -> None:
         self.epoch_args = epoch_args
         self.base_id = base_id
-        self.policy = Restarter()
+        self.policy = Restarter(backoff_max_s)
         self.procs: dict[int, Any] = {}
         self.exit_code: int | None = None
         self.store: dict[str, socket.socket] = {}  # the serving epoch's listening sockets
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             log.critical("%s", exc)
             return 2
     try:
-        agent = Agent(epoch_args, ns.base_id)
+        agent = Agent(epoch_args, ns.base_id, ns.restart_backoff_max_s)
         return trio.run(agent.run, ns.use_dynamic_base_id, ns.base_id_path)
     finally:
         if ns.pidfile:

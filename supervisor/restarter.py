@@ -68,7 +68,8 @@ class Restarter:
     ``MAX_LIVE_EPOCHS`` epochs live; starting another terminates the oldest.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, backoff_max_s: float = RELAUNCH_BACKOFF_S[-1]) -> None:
+        self.backoff = tuple(min(d, backoff_max_s) for d in RELAUNCH_BACKOFF_S)
         self.live: set[int] = set()
         self.next_epoch = 0
         self.stopping: str | None = None  # "graceful" or "fast"
@@ -169,7 +170,7 @@ class Restarter:
             return [Log(f"epoch {epoch} exited with {code}; epoch {max(self.live)} serves")]
         if code == 0 and not was_starting and self.live:
             return [Log(f"epoch {epoch} exited")]
-        delay = RELAUNCH_BACKOFF_S[min(self.crashes, len(RELAUNCH_BACKOFF_S) - 1)]
+        delay = self.backoff[min(self.crashes, len(self.backoff) - 1)]
         self.crashes += 1
         self.relaunches += 1
         return [

@@ -140,3 +140,12 @@ def test_sd_notify_states_follow_the_reload() -> None:
     assert states[0].startswith("RELOADING=1\n")
     states = [a.state for a in r.on_epoch_exit(1, 1) if isinstance(a, Notify)]
     assert states[0].startswith("READY=1\nSTATUS=reload failed: epoch 1 exited with 1")
+
+
+def test_relaunch_backoff_is_capped_by_the_flag() -> None:
+    r = Restarter(backoff_max_s=1.0)
+    r.on_start()
+    delays = []
+    for epoch in range(6):
+        delays += [a.delay_s for a in r.on_epoch_exit(epoch, -9) if isinstance(a, SpawnEpoch)]
+    assert delays == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
