@@ -1,420 +1,299 @@
-"""Stats in POSIX shared memory: one segment per base id, one single-writer slot per process.
+"""The stats segment: one POSIX shared-memory object per base id, ``/trioxy.<base-id>``.
 
 Theory of operation:
-1. ``/trioxy.<base-id>`` holds a self-describing header (magic, layout version, size,
-   INITIALIZING flag, creator pid/uid, creation time, layout parameters) and
-   ``REGIONS × SLOTS_PER_REGION`` slots. An epoch uses region ``epoch % EPOCH_REGIONS``: at
-   most three epochs live, so a region is reused only once its previous epoch is dead. The
-   last region is the agent's (slot 0: reloads, failed reloads, relaunches). Within a
-   region the epoch's main process hands out slots (0: itself, 1..: workers by index), so
-   claiming a slot needs no lock, and nothing a SIGKILLed process holds can wedge anyone.
-2. A slot is its writer's alone: a name table (name, kind, value) plus histogram bucket
-   arrays. A writer publishes a new name by writing the entry first and bumping the
-   entry count after, so readers never see half a name; 8-byte aligned values are never
-   torn on x86-64.
-3. A process that takes over a slot (a replaced worker, a later epoch in the region)
-   ``load``s what it holds and ``seed``s its counters from it: counters continue, so the
-   sums readers compute never go back. Gauges are not seeded, and readers count gauges
-   only from slots whose process is alive.
-4. Fixed sizes: a slot that runs out of entries or histograms counts the overflow and
-   goes on. Unused pages of the segment cost no memory (tmpfs allocates on touch).
+1. Creating: ``shm_open(O_CREAT | O_EXCL)`` decides who creates it. The creator sets
+   INITIALIZING, writes the header (magic, layout version, size, creator pid/uid,
+   creation time, layout parameters, bucket bounds), then clears INITIALIZING. Nothing
+   else is written at creation: the segment is sparse (tmpfs allocates on touch), and
+   each writer reserves its own slot's pages when it claims the slot (``reserve``), so a
+   full /dev/shm is a clear error at claim time, never a SIGBUS in the middle of a flush.
+2. Attaching: an attacher waits up to ``INIT_WAIT_S`` while the segment is still being
+   created (empty, header not written yet, or INITIALIZING), then validates magic,
+   layout version, size, parameters and owner. A segment that fails is *foreign*.
+3. Foreign segments: if nobody is alive in it (neither its creator nor any process
+   registered in a slot: ``os.kill(pid, 0)``, EPERM counting as alive, zombies and
+   reused pids as dead), an opener with ``create=True, reclaim_stale=True`` removes it and
+   creates a fresh one; otherwise ``SegmentError`` says what is wrong and how to fix it.
+   Slot pids are found in segments of older layout versions too (``layout.pid_locations``),
+   so an upgrade reclaims the old layout's segment once the old trioxy is gone. Removal
+   first checks that the name still refers to the very object it judged (same inode), so
+   two openers reclaiming at once cannot remove each other's fresh segment.
+4. No locks anywhere: creation is decided by O_EXCL, each slot has a single writer
+   (``shm.stats_block``), readers only read. Nothing a SIGKILLed process leaves behind
+   can wedge anyone; at worst it leaves INITIALIZING set, which the next opener reclaims
+   after ``INIT_WAIT_S``.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import posix_ipc
 
-MAGIC = b"TRIOXYST"
-LAYOUT_VERSION = 2
-EPOCH_REGIONS = 4
-AGENT_REGION = EPOCH_REGIONS
-REGIONS = EPOCH_REGIONS + 1
-SLOTS_PER_REGION = 65
-STATS_PER_SLOT = 2048
-NAME_LEN = 112
-HISTOGRAMS_PER_SLOT = 128
-BUCKETS = 20  # len(proxy.stats.DEFAULT_BUCKETS) + 1 (the overflow bucket)
+from shm.errors import SegmentError
+from shm.layout import (
+    AGENT_REGION,
+    BODY_OFFSET,
+    BOUNDS,
+    BOUNDS_OFFSET,
+    BUCKET_BOUNDS,
+    EPOCH_REGIONS,
+    FLAG_INITIALIZING,
+    FLAGS_WORD,
+    HEADER,
+    HEADER_FIELDS,
+    HISTOGRAMS_PER_SLOT,
+    LAYOUT_VERSION,
+    MAGIC,
+    NAME_LEN,
+    REGIONS,
+    SIZE,
+    SLOTS_PER_REGION,
+    STATS_PER_SLOT,
+    header_values,
+    pid_locations,
+)
+from shm.stats_block import (
+    SlotInfo,
+    SlotWriter,
+    Stats,
+    format_stats,
+    pid_alive,
+    read_stats,
+    slots,
+)
 
-COUNTER, GAUGE, HISTOGRAM = 1, 2, 3
-FLAG_INITIALIZING = 1
+__all__ = [
+    "AGENT_REGION", "EPOCH_REGIONS", "HISTOGRAMS_PER_SLOT", "INIT_WAIT_S", "LAYOUT_VERSION",
+    "NAME_LEN", "REGIONS", "SIZE", "SLOTS_PER_REGION", "STATS_PER_SLOT", "Segment",
+    "SegmentError", "SlotInfo", "SlotWriter", "Stats", "format_stats", "pid_alive",
+    "read_stats", "segment_name", "segment_path",
+]
 
-HEADER_SIZE = 4096
-_HEADER = struct.Struct("<8sQQQQQdQQQQQQ")  # magic version size flags pid uid created + layout
-SLOT_HEADER = 128
-_SLOT_HEADER = struct.Struct("<QQQQdQQQQ")  # pid epoch role index start generation n n_hist overflow
-ENTRY = 128  # name (NAME_LEN) | kind u8 | pad | value u64 at +120
-HIST = (BUCKETS + 2) * 8  # counts..., sum (f64), count
-SLOT_SIZE = SLOT_HEADER + STATS_PER_SLOT * ENTRY + HISTOGRAMS_PER_SLOT * HIST
-SIZE = HEADER_SIZE + REGIONS * SLOTS_PER_REGION * SLOT_SIZE
-
-_INIT_WAIT_S = 1.0
-
-
-class SegmentError(Exception):
-    pass
+INIT_WAIT_S = 1.0  # how long an attacher waits for a creator to finish the header
+_POLL_S = 0.005
+_ZERO_MAGIC = bytes(len(MAGIC))
+_U64 = struct.Struct("<Q")
+_F64 = struct.Struct("<d")
 
 
 def segment_name(base_id: int) -> str:
     return f"/trioxy.{base_id}"
 
 
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def segment_path(base_id: int) -> str:
+    """Where Linux shows the segment (glibc's shm_open lives in /dev/shm)."""
+    return f"/dev/shm{segment_name(base_id)}"
+
+
+def _fix_hint(base_id: int) -> str:
+    return (f"start trioxy with a --base-id other than {base_id}, or, if no trioxy uses "
+            f"that base id, remove {segment_path(base_id)}")
 
 
 class Segment:
-    def __init__(self, base_id: int, mm: mmap.mmap, created: bool) -> None:
-        self.base_id = base_id
-        self.mm = mm
-        self.created = created
-        self.words = memoryview(mm).cast("Q")
+    """A mapped stats segment. ``mm`` is the mapping, ``words`` the same memory as u64s."""
 
-    # -- opening --------------------------------------------------------------------
+    def __init__(self, base_id: int, shm: Any, mm: mmap.mmap, created: bool) -> None:
+        self.base_id = base_id
+        self.name = segment_name(base_id)
+        self._shm = shm
+        self.mm = mm
+        self.words = memoryview(mm).cast("Q")
+        self.created = created
+
+    # -- opening ------------------------------------------------------------------------
     @classmethod
     def open(cls, base_id: int, *, create: bool = True, reclaim_stale: bool = True) -> Segment:
+        """Create the segment (``create``) or attach to it.
+
+        A foreign segment (another layout version, size, magic or owner) or one whose
+        creator died mid-way is removed and created afresh when ``create`` and
+        ``reclaim_stale`` are set and nobody is alive in it; otherwise SegmentError."""
         name = segment_name(base_id)
-        for _ in range(2):
-            try:
-                shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=SIZE)
-                created = True
-            except posix_ipc.ExistentialError:
-                if not create:
-                    try:
-                        shm = posix_ipc.SharedMemory(name)
-                    except posix_ipc.ExistentialError:
-                        raise SegmentError(f"no stats segment {name}: is trioxy running with "
-                                           f"--base-id {base_id}?") from None
+        for _ in range(4):
+            if create:
+                try:
+                    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=SIZE)
+                except posix_ipc.ExistentialError:
+                    pass  # it exists: attach below
+                except (posix_ipc.Error, OSError) as exc:
+                    raise SegmentError(f"cannot create stats segment {name}: {exc}") from None
                 else:
-                    shm = posix_ipc.SharedMemory(name)
-                created = False
-            size = shm.size
-            mm = mmap.mmap(shm.fd, size)
-            shm.close_fd()
-            seg = cls(base_id, mm, created)
-            if created:
-                seg._initialize()
-                return seg
-            problem = seg._validate(size)
-            if problem is None:
-                return seg
-            if reclaim_stale and seg._stale(problem):
-                seg.close()
-                cls.unlink(base_id)
-                continue
-            seg.close()
+                    return cls._initialize(base_id, shm)
+            try:
+                shm = posix_ipc.SharedMemory(name)
+            except posix_ipc.ExistentialError:
+                if create:
+                    continue  # removed between our two calls: create it
+                raise SegmentError(
+                    f"no stats segment {name}: is trioxy running with --base-id {base_id}?"
+                ) from None
+            except posix_ipc.PermissionsError:
+                raise SegmentError(
+                    f"stats segment {name} cannot be used: permission denied (it belongs to "
+                    f"another user); {_fix_hint(base_id)}"
+                ) from None
+            try:
+                problem, live, ino = _inspect(shm.fd)
+                if problem is None:
+                    seg = cls(base_id, shm, mmap.mmap(shm.fd, SIZE), created=False)
+                    shm = None
+                    return seg
+                if create and reclaim_stale and not live:
+                    _unlink_if_same(name, ino)
+                    continue
+            finally:
+                if shm is not None:
+                    shm.close_fd()
+            in_use = (f"; in use by live pid {', '.join(map(str, live))}" if live
+                      else "; no live process uses it")
             raise SegmentError(
-                f"stats segment {name} is not usable: {problem}. Another trioxy may use "
-                f"--base-id {base_id} (pick another), or remove /dev/shm{name}"
+                f"stats segment {name} cannot be used: {problem}{in_use}; {_fix_hint(base_id)}"
             )
-        raise SegmentError(f"stats segment {name} could not be created")
+        raise SegmentError(f"stats segment {name} keeps changing under us; {_fix_hint(base_id)}")
 
-    def _initialize(self) -> None:
-        _HEADER.pack_into(
-            self.mm, 0, MAGIC, LAYOUT_VERSION, SIZE, FLAG_INITIALIZING, os.getpid(), os.getuid(),
-            time.time(), REGIONS, SLOTS_PER_REGION, STATS_PER_SLOT, NAME_LEN,
-            HISTOGRAMS_PER_SLOT, BUCKETS,
-        )
-        self.words[3] = 0  # flags: INITIALIZING cleared, the layout is in place
-
-    def header(self) -> dict[str, Any]:
-        f = _HEADER.unpack_from(self.mm, 0)
-        keys = ("magic", "version", "size", "flags", "pid", "uid", "created", "regions",
-                "slots_per_region", "stats_per_slot", "name_len", "histograms", "buckets")
-        return dict(zip(keys, f, strict=True))
-
-    def _validate(self, size: int) -> str | None:
-        if size < HEADER_SIZE:
-            return f"it is {size} bytes"
-        deadline = time.monotonic() + _INIT_WAIT_S
-        while self.words[3] & FLAG_INITIALIZING:
-            if time.monotonic() > deadline:
-                return "its creator never finished initializing it"
-            time.sleep(0.01)
-        h = self.header()
-        if h["magic"] != MAGIC:
-            return "it is not a trioxy stats segment"
-        if h["version"] != LAYOUT_VERSION:
-            return f"layout version {h['version']}, this binary uses {LAYOUT_VERSION}"
-        if h["size"] != SIZE or size != SIZE:
-            return f"size {size}, expected {SIZE}"
-        if h["uid"] != os.getuid():
-            return f"it belongs to uid {h['uid']}"
-        return None
-
-    def _stale(self, problem: str) -> bool:
-        """Reclaimable: ours to remove and nobody registered in it is alive."""
-        if "belongs to uid" in problem:
-            return False
-        if "creator never finished" in problem and pid_alive(self.header()["pid"]):
-            return False
-        if self.mm.size() >= SIZE and self.header()["magic"] == MAGIC:
-            return not any(pid_alive(s.pid) for s in self.slots())
-        return True
+    @classmethod
+    def _initialize(cls, base_id: int, shm: Any) -> Segment:
+        try:
+            mm = mmap.mmap(shm.fd, SIZE)
+            seg = cls(base_id, shm, mm, created=True)
+            seg.words[FLAGS_WORD] = FLAG_INITIALIZING  # before the magic is visible
+            seg.reserve(0, BODY_OFFSET)  # the header and the slot table
+            HEADER.pack_into(mm, 0, *header_values(
+                os.getpid(), os.geteuid(), time.time(), FLAG_INITIALIZING))
+            BOUNDS.pack_into(mm, BOUNDS_OFFSET, *BUCKET_BOUNDS)
+            seg.words[FLAGS_WORD] = 0  # the layout is in place
+            return seg
+        except BaseException:
+            _unlink_if_same(segment_name(base_id), os.fstat(shm.fd).st_ino)
+            shm.close_fd()
+            raise
 
     @staticmethod
-    def unlink(base_id: int) -> None:
+    def unlink(base_id: int) -> bool:
+        """Remove the name (mappings stay valid until closed); False if there was none."""
         try:
             posix_ipc.unlink_shared_memory(segment_name(base_id))
         except posix_ipc.ExistentialError:
-            pass
+            return False
+        except posix_ipc.PermissionsError as exc:
+            raise SegmentError(f"cannot remove {segment_path(base_id)}: {exc}") from None
+        return True
 
     def close(self) -> None:
         self.words.release()
         try:
             self.mm.close()
         except BufferError:
-            pass  # a writer's view is still alive; the mapping goes with the process
+            pass  # a view is still alive somewhere; the mapping goes with the process
+        if self._shm is not None:
+            self._shm.close_fd()
+            self._shm = None
 
-    # -- slots ----------------------------------------------------------------------
-    @staticmethod
-    def slot_offset(region: int, index: int) -> int:
-        if not (0 <= region < REGIONS and 0 <= index < SLOTS_PER_REGION):
-            raise SegmentError(f"no slot {index} in region {region}")
-        return HEADER_SIZE + (region * SLOTS_PER_REGION + index) * SLOT_SIZE
+    def __enter__(self) -> Segment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- contents -----------------------------------------------------------------------
+    def header(self) -> dict[str, Any]:
+        h = dict(zip(HEADER_FIELDS, HEADER.unpack_from(self.mm, 0), strict=True))
+        h["bucket_bounds"] = BOUNDS.unpack_from(self.mm, BOUNDS_OFFSET)
+        return h
 
     def slots(self) -> list[SlotInfo]:
-        out = []
-        for region in range(REGIONS):
-            for index in range(SLOTS_PER_REGION):
-                off = self.slot_offset(region, index)
-                pid, epoch, role, widx, start, gen, n, nh, overflow = _SLOT_HEADER.unpack_from(
-                    self.mm, off)
-                if pid:
-                    out.append(SlotInfo(region, index, pid, epoch, role, widx, start, gen,
-                                        n, nh, overflow))
-        return out
+        return slots(self)
+
+    def reserve(self, offset: int, length: int) -> None:
+        """Allocate the pages now (``posix_fallocate``): ENOSPC becomes SegmentError here
+        instead of SIGBUS when the page is first touched."""
+        if self._shm is None:
+            return
+        try:
+            os.posix_fallocate(self._shm.fd, offset, length)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EDQUOT):
+                raise SegmentError(
+                    f"no room in /dev/shm for {length} bytes of stats segment {self.name} "
+                    f"({exc.strerror}): enlarge /dev/shm (docker: --shm-size)"
+                ) from None
+            # EOPNOTSUPP and the like: pages are allocated when touched
 
 
-@dataclass
-class SlotInfo:
-    region: int
-    index: int
-    pid: int
-    epoch: int
-    role: int
-    worker_index: int
-    start: float
-    generation: int
-    n_stats: int
-    n_hist: int
-    overflow: int
+def _inspect(fd: int) -> tuple[str | None, list[int], int]:
+    """(what is wrong or None, live pids in it, inode). Waits out a creator in progress."""
+    deadline = time.monotonic() + INIT_WAIT_S
+    while True:
+        st = os.fstat(fd)
+        head = os.pread(fd, HEADER.size, 0) if st.st_size else b""
+        magic = head[:8]
+        flags = int.from_bytes(head[24:32], "little") if len(head) >= 32 else 0
+        creating = len(magic) < 8 or magic == _ZERO_MAGIC or (
+            magic == MAGIC and (len(head) < HEADER.size or flags & FLAG_INITIALIZING))
+        if not creating or time.monotonic() >= deadline:
+            break
+        time.sleep(_POLL_S)
+    ino = st.st_ino
+    if len(magic) < 8 or magic == _ZERO_MAGIC:
+        what = f"{st.st_size} bytes" if len(magic) < 8 else "its header is zeros"
+        return (f"it was never initialized ({what}): its creator died while creating it",
+                [], ino)
+    if magic != MAGIC:
+        return f"it is not a trioxy stats segment (magic {magic!r})", [], ino
+    if len(head) < HEADER.size:
+        return f"it is truncated ({st.st_size} bytes)", [], ino
+    h = dict(zip(HEADER_FIELDS, HEADER.unpack(head), strict=True))
+    creator = [h["pid"]] if pid_alive(h["pid"], h["created"]) else []
+    if flags & FLAG_INITIALIZING:
+        if creator:
+            return (f"its creator, pid {h['pid']}, has been initializing it for over "
+                    f"{INIT_WAIT_S:g} s", creator, ino)
+        return f"its creator, pid {h['pid']}, died while initializing it", [], ino
+    problem = None
+    if h["version"] != LAYOUT_VERSION:
+        problem = f"layout version {h['version']}, this trioxy uses {LAYOUT_VERSION}"
+    elif h["size"] != SIZE or st.st_size != SIZE:
+        problem = f"size {st.st_size} (header: {h['size']}), this trioxy uses {SIZE}"
+    elif tuple(HEADER.unpack(head)[7:]) != header_values(0, 0, 0.0, 0)[7:]:
+        problem = "its layout parameters differ from this trioxy's (same layout version)"
+    elif BOUNDS.unpack(os.pread(fd, BOUNDS.size, BOUNDS_OFFSET)) != BUCKET_BOUNDS:
+        problem = "its histogram bucket bounds differ from this trioxy's"
+    elif h["uid"] != os.geteuid():
+        problem = f"it belongs to uid {h['uid']}, this process runs as uid {os.geteuid()}"
+    if problem is None:
+        return None, [], ino
+    live = set(creator)
+    for pid_at, start_at in pid_locations(h, st.st_size):
+        (pid,) = _U64.unpack(os.pread(fd, 8, pid_at))
+        (start,) = _F64.unpack(os.pread(fd, 8, start_at))
+        if pid and pid not in live and pid_alive(pid, start if start > 0 else None):
+            live.add(pid)
+    return problem, sorted(live), ino
 
 
-def _read_entries(seg: Segment, info: SlotInfo) -> list[tuple[str, int, Any]]:
-    mm = seg.mm
-    words = seg.words
-    base = seg.slot_offset(info.region, info.index)
-    entries = base + SLOT_HEADER
-    hists = entries + STATS_PER_SLOT * ENTRY
-    out: list[tuple[str, int, Any]] = []
-    for i in range(min(info.n_stats, STATS_PER_SLOT)):
-        off = entries + i * ENTRY
-        raw = mm[off : off + NAME_LEN]
-        name = raw[: raw.find(b"\0") if b"\0" in raw else NAME_LEN].decode("utf-8", "replace")
-        kind = mm[off + NAME_LEN]
-        value = words[(off + 120) // 8]
-        if kind == HISTOGRAM:
-            h = hists + value * HIST
-            counts = list(words[h // 8 : h // 8 + BUCKETS])
-            hsum = struct.unpack_from("<d", mm, h + BUCKETS * 8)[0]
-            hcount = words[h // 8 + BUCKETS + 1]
-            out.append((name, kind, (counts, hsum, hcount)))
-        else:
-            out.append((name, kind, value))
-    return out
-
-
-class SlotWriter:
-    """The one process that writes a slot."""
-
-    def __init__(self, segment: Segment, region: int, index: int) -> None:
-        self.seg = segment
-        self.base = segment.slot_offset(region, index)
-        self.region = region
-        self.index = index
-        self.entries = self.base + SLOT_HEADER
-        self.hists = self.entries + STATS_PER_SLOT * ENTRY
-        self._index: dict[str, int] = {}  # name -> value word index
-        self._hist: dict[str, int] = {}  # name -> first word of its histogram
-        self._n = 0
-        self._nh = 0
-        self._overflow = 0
-
-    def _header_word(self, i: int) -> int:
-        return self.base // 8 + i
-
-    def claim(self, pid: int, epoch: int, role: int, worker_index: int) -> None:
-        """Take the slot (keeping what it holds: ``load`` it to continue its counters)."""
-        words = self.seg.words
-        info = _SLOT_HEADER.unpack_from(self.seg.mm, self.base)
-        self._n, self._nh, self._overflow = info[6], info[7], info[8]
-        mm = self.seg.mm
-        for i in range(min(self._n, STATS_PER_SLOT)):
-            off = self.entries + i * ENTRY
-            raw = mm[off : off + NAME_LEN]
-            name = raw.rstrip(b"\0").decode("utf-8", "replace")
-            word = (off + 120) // 8
-            if mm[off + NAME_LEN] == HISTOGRAM:
-                self._hist[name] = (self.hists + words[word] * HIST) // 8
-            else:
-                self._index[name] = word
-        struct.pack_into("<d", self.seg.mm, self.base + 32, time.time())
-        words[self._header_word(1)] = epoch
-        words[self._header_word(2)] = role
-        words[self._header_word(3)] = worker_index
-        words[self._header_word(5)] = info[5] + 1  # generation
-        words[self._header_word(0)] = pid  # last: the slot is live from here
-
-    def _info(self) -> SlotInfo:
-        f = _SLOT_HEADER.unpack_from(self.seg.mm, self.base)
-        return SlotInfo(self.region, self.index, *f)
-
-    def load(self) -> dict[str, tuple[int, Any]]:
-        return {name: (kind, value) for name, kind, value in _read_entries(self.seg, self._info())}
-
-    def seed(self, store: Any) -> None:
-        """Counters and histograms continue from what the slot holds."""
-        for name, (kind, value) in self.load().items():
-            if kind == COUNTER:
-                store.counter(name).value = value
-            elif kind == HISTOGRAM:
-                h = store.histogram(name)
-                counts, hsum, hcount = value
-                if len(counts) == len(h.counts):
-                    h.counts = list(counts)
-                    h.sum = hsum
-                    h.count = hcount
-
-    def _new_entry(self, name: str, kind: int, value: int) -> int | None:
-        encoded = name.encode()
-        if self._n >= STATS_PER_SLOT or len(encoded) > NAME_LEN:
-            self._overflow += 1
-            self.seg.words[self._header_word(8)] = self._overflow
-            return None
-        off = self.entries + self._n * ENTRY
-        mm = self.seg.mm
-        mm[off : off + NAME_LEN] = encoded.ljust(NAME_LEN, b"\0")
-        mm[off + NAME_LEN] = kind
-        word = (off + 120) // 8
-        self.seg.words[word] = value
-        self._n += 1
-        self.seg.words[self._header_word(6)] = self._n  # publish after the entry is whole
-        return word
-
-    def flush(self, store: Any) -> None:
-        words = self.seg.words
-        index = self._index
-        for kind, stats in ((COUNTER, store.counters), (GAUGE, store.gauges)):
-            for name, stat in stats.items():
-                word = index.get(name)
-                value = stat.value if stat.value >= 0 else 0
-                if word is None:
-                    word = self._new_entry(name, kind, value)
-                    if word is None:
-                        continue
-                    index[name] = word
-                else:
-                    words[word] = value
-        for name, h in store.histograms.items():
-            start = self._hist.get(name)
-            if start is None:
-                if self._nh >= HISTOGRAMS_PER_SLOT or len(h.counts) != BUCKETS:
-                    if name not in index:
-                        self._overflow += 1
-                        words[self._header_word(8)] = self._overflow
-                        index[name] = -1
-                    continue
-                hi = self._nh
-                start = (self.hists + hi * HIST) // 8
-                self._nh += 1
-                words[self._header_word(7)] = self._nh
-                self._hist[name] = start
-                self._write_hist(start, h)
-                if self._new_entry(name, HISTOGRAM, hi) is None:
-                    continue
-            else:
-                self._write_hist(start, h)
-
-    def _write_hist(self, start: int, h: Any) -> None:
-        words = self.seg.words
-        words[start : start + BUCKETS] = memoryview(struct.pack(f"<{BUCKETS}Q", *h.counts)).cast("Q")
-        struct.pack_into("<d", self.seg.mm, (start + BUCKETS) * 8, h.sum)
-        words[start + BUCKETS + 1] = h.count
-
-
-@dataclass
-class Stats:
-    counters: dict[str, int] = field(default_factory=dict)
-    gauges: dict[str, int] = field(default_factory=dict)
-    histograms: dict[str, tuple[list[int], float, int]] = field(default_factory=dict)
-    overflow: int = 0
-
-
-def read_stats(seg: Segment) -> Stats:
-    """Counters summed over every slot ever used; gauges over live processes. The
-    ``server.*`` gauges describe one epoch (its number, uptime, state): they come from the
-    newest live epoch's main process instead of a sum."""
-    out = Stats()
-    newest_server: dict[str, tuple[int, int]] = {}
-    connections: dict[int, int] = {}  # epoch -> live downstream connections
-    for info in seg.slots():
-        alive = pid_alive(info.pid)
-        out.overflow += info.overflow
-        for name, kind, value in _read_entries(seg, info):
-            if (alive and kind == GAUGE and info.region != AGENT_REGION
-                    and name.startswith("listener.") and name.endswith(".downstream_cx_active")):
-                connections[info.epoch] = connections.get(info.epoch, 0) + value
-            if kind == COUNTER:
-                out.counters[name] = out.counters.get(name, 0) + value
-            elif kind == GAUGE:
-                if not alive:
-                    out.gauges.setdefault(name, 0)
-                elif name.startswith("server."):
-                    if name not in newest_server or info.epoch >= newest_server[name][0]:
-                        newest_server[name] = (info.epoch, value)
-                else:
-                    out.gauges[name] = out.gauges.get(name, 0) + value
-            elif kind == HISTOGRAM:
-                counts, hsum, hcount = value
-                prev = out.histograms.get(name)
-                if prev is None:
-                    out.histograms[name] = (list(counts), hsum, hcount)
-                else:
-                    out.histograms[name] = (
-                        [a + b for a, b in zip(prev[0], counts, strict=True)],
-                        prev[1] + hsum, prev[2] + hcount,
-                    )
-    for name, (_, value) in newest_server.items():
-        out.gauges[name] = value
-    # Envoy's: connections of every live epoch, and of the epochs being replaced.
-    if connections:
-        newest = max(connections)
-        out.gauges["server.total_connections"] = sum(connections.values())
-        out.gauges["server.parent_connections"] = sum(
-            v for e, v in connections.items() if e != newest)
-    return out
-
-
-def format_stats(stats: Stats) -> str:
-    """Envoy's /stats text: ``name: value`` sorted by name."""
-    lines = [f"{n}: {v}" for n, v in stats.counters.items()]
-    lines += [f"{n}: {v}" for n, v in stats.gauges.items()]
-    lines += [f"{n}: count={c} sum={s:g}" for n, (_, s, c) in stats.histograms.items()]
-    if stats.overflow:
-        lines.append(f"stats.overflow: {stats.overflow}")
-    return "\n".join(sorted(lines)) + "\n"
+def _unlink_if_same(name: str, ino: int) -> None:
+    """Remove ``name`` only if it still is the object we judged (inode ``ino``)."""
+    try:
+        again = posix_ipc.SharedMemory(name)
+    except posix_ipc.ExistentialError:
+        return
+    except posix_ipc.PermissionsError as exc:
+        raise SegmentError(f"cannot remove stale stats segment /dev/shm{name}: {exc}") from None
+    try:
+        if os.fstat(again.fd).st_ino != ino:
+            return
+    finally:
+        again.close_fd()
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.ExistentialError:
+        pass
+    except posix_ipc.PermissionsError as exc:
+        raise SegmentError(f"cannot remove stale stats segment /dev/shm{name}: {exc}") from None
