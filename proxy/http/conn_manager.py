@@ -80,13 +80,6 @@ def request_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def _strip_port(address: str) -> str:
-    if address.startswith("["):
-        return address[1 : address.index("]")]
-    host, _, _ = address.rpartition(":")
-    return host or address
-
-
 class StreamReset(Exception):
     """The downstream went away (or the stream was reset): unwind the stream."""
 

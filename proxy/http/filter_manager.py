@@ -107,24 +107,3 @@ class FilterManager:
             if hook is not None:
                 hook()
 
-
-class PassThroughFilter:
-    """Base for filters that act on a few events: everything else continues."""
-
-    async def decode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterStatus:
-        return CONTINUE
-
-    async def decode_data(self, data: bytes, end_stream: bool) -> FilterStatus:
-        return CONTINUE
-
-    async def decode_trailers(self, trailers: HeaderMap) -> FilterStatus:
-        return CONTINUE
-
-    async def encode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterStatus:
-        return CONTINUE
-
-    async def encode_data(self, data: bytes, end_stream: bool) -> FilterStatus:
-        return CONTINUE
-
-    async def encode_trailers(self, trailers: HeaderMap) -> FilterStatus:
-        return CONTINUE

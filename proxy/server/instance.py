@@ -104,7 +104,6 @@ class Instance:
         self.handed_over = 0
         self.workers = [WorkerHandle(i) for i in range(options.concurrency)]
         self.shutting_down = False
-        self.worker_restarts = 0
         self.started = time.monotonic()
         self.stats = Store()
         self.stats_writer: Any = None
@@ -218,7 +217,6 @@ class Instance:
                 return
             if not started:
                 raise BootError(f"worker {handle.index} exited with {rc} before accepting")
-            self.worker_restarts += 1
             self._worker_restarts.inc()
             delay = WORKER_RESTART_BACKOFF_S[min(handle.restarts, len(WORKER_RESTART_BACKOFF_S) - 1)]
             handle.restarts += 1

@@ -157,10 +157,6 @@ class Http1ConnPool:
         stats.upstream_cx_active.dec()
         stats.upstream_cx_destroy.inc()
 
-    def close_idle(self) -> None:
-        while self.idle:
-            self._destroy(self.idle.pop())
-
 
 def pool_for(cluster: ThreadLocalCluster, host: Host) -> Http1ConnPool:
     key = (host.address, host.port)

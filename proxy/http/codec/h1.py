@@ -115,6 +115,15 @@ def _encode_trailers(trailers: HeaderMap | None) -> list[tuple[bytes, bytes]]:
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in trailers.regular()]
 
 
+def error_response(status: int, body: bytes) -> bytes:
+    """A complete ``Connection: close`` response for a request that could not be parsed."""
+    head = (
+        b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\ncontent-type: text/plain\r\n"
+        b"connection: close\r\n\r\n" % (status, reason_phrase(status), len(body))
+    )
+    return head + body
+
+
 def _header_bytes(headers: Iterable[tuple[bytes, bytes]]) -> int:
     return sum(len(n) + len(v) for n, v in headers)
 
@@ -342,14 +351,7 @@ class Http1ServerCodec:
         self.response_complete = True
         return out
 
-    @staticmethod
-    def error_response(status: int, body: bytes) -> bytes:
-        """A complete ``Connection: close`` response for a request h11 could not parse."""
-        head = (
-            b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\ncontent-type: text/plain\r\n"
-            b"connection: close\r\n\r\n" % (status, reason_phrase(status), len(body))
-        )
-        return head + body
+    error_response = staticmethod(error_response)
 
     # -- connection state ----------------------------------------------------------------
     @property
@@ -360,11 +362,6 @@ class Http1ServerCodec:
     def keep_alive(self) -> bool:
         """Whether this connection may carry another request after the current one."""
         return self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
-
-    @property
-    def idle(self) -> bool:
-        """No request has started (nothing of a next request was parsed yet)."""
-        return self._conn.their_state is h11.IDLE
 
     def start_next_cycle(self) -> bool:
         """Reset for the next (possibly pipelined) request; False when the connection must close."""

@@ -49,6 +49,7 @@ from proxy.http.codec.events import (
 from proxy.http.codec.h1 import (
     DEFAULT_MAX_HEADERS_COUNT,
     DEFAULT_MAX_REQUEST_HEADERS_KB,
+    error_response,
     reason_phrase,
 )
 from proxy.http.headers import HeaderMap
@@ -345,7 +346,7 @@ class Http1ServerCodec:
             if end_stream and not has_length:
                 framing = b"content-length: 0\r\n"
             elif not has_length:
-                if self._keep_alive_capable():
+                if self._keep_alive:
                     framing = b"transfer-encoding: chunked\r\n"
                     self._response_chunked = True
                 else:
@@ -357,9 +358,6 @@ class Http1ServerCodec:
         if end_stream:
             self._finish_response()
         return out
-
-    def _keep_alive_capable(self) -> bool:
-        return self._keep_alive
 
     def send_data(self, data: bytes, end_stream: bool = False) -> bytes:
         if not self._started or self._our_done:
@@ -384,13 +382,7 @@ class Http1ServerCodec:
         self._our_done = True
         self.response_complete = True
 
-    @staticmethod
-    def error_response(status: int, body: bytes) -> bytes:
-        head = (
-            b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\ncontent-type: text/plain\r\n"
-            b"connection: close\r\n\r\n" % (status, reason_phrase(status), len(body))
-        )
-        return head + body
+    error_response = staticmethod(error_response)
 
     # -- connection state -----------------------------------------------------------------
     @property
@@ -402,10 +394,6 @@ class Http1ServerCodec:
         return (
             self._our_done and self._their_done and self._keep_alive and not self._response_close
         )
-
-    @property
-    def idle(self) -> bool:
-        return self._msg < self._cur and not self._url
 
     def start_next_cycle(self) -> bool:
         if not self.keep_alive:
