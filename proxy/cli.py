@@ -14,6 +14,12 @@ log = logging.getLogger("trioxy.main")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # The listeners are bound before trio installs its signal receiver; a USR1 or HUP in
+    # between (the agent forwards them) must not kill the epoch with Python's default.
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if argv[:1] == ["stats"]:
         return _stats(argv[1:])
     try:

@@ -114,6 +114,10 @@ class Agent:
     async def _run_epoch(self, epoch: int, delay_s: float, parent: int | None) -> None:
         if delay_s:
             await trio.sleep(delay_s)
+        if self.policy.stopping is not None:
+            # Stopped during the relaunch backoff: this epoch never starts.
+            self._perform(self.policy.on_epoch_exit(epoch, 0))
+            return
         ready_r, ready_w = os.pipe()
         argv = [
             sys.executable, "-m", "proxy.cli", *self.epoch_args, "--base-id", str(self.base_id),
@@ -225,6 +229,9 @@ class Agent:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Until trio's receiver is installed, HUP and USR1 must not kill the agent.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     ns, epoch_args = _parse(sys.argv[1:] if argv is None else argv)
     from proxy.server.logging_setup import setup_logging
 
@@ -237,10 +244,15 @@ def main(argv: list[str] | None = None) -> int:
         except (pidfile.PidFileError, OSError) as exc:
             log.critical("%s", exc)
             return 2
+    agent = Agent(epoch_args, ns.base_id, ns.restart_backoff_max_s)
     try:
-        agent = Agent(epoch_args, ns.base_id, ns.restart_backoff_max_s)
         return trio.run(agent.run, ns.use_dynamic_base_id, ns.base_id_path)
     finally:
+        if agent.stats_writer is not None:
+            # Every epoch is gone: the stats segment has no one left to serve.
+            from shm.segment import Segment
+
+            Segment.unlink(agent.base_id)
         if ns.pidfile:
             pidfile.release(ns.pidfile)
 

@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, f"worker {args.index}")
     # SIGTERM must not kill us before trio's receiver is installed.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     from proxy.access_log import file_sink
     from proxy.config.bootstrap import bootstrap_from_bytes
     from proxy.config.snapshot import build_snapshot

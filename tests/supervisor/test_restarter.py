@@ -149,3 +149,11 @@ def test_relaunch_backoff_is_capped_by_the_flag() -> None:
     for epoch in range(6):
         delays += [a.delay_s for a in r.on_epoch_exit(epoch, -9) if isinstance(a, SpawnEpoch)]
     assert delays == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_term_during_relaunch_backoff_exits_without_starting_the_epoch() -> None:
+    r = Restarter()
+    r.on_start()
+    (spawn,) = [a for a in r.on_epoch_exit(0, -9) if isinstance(a, SpawnEpoch)]
+    r.on_signal("TERM")  # the agent is still sleeping the backoff before spawn.epoch
+    assert r.on_epoch_exit(spawn.epoch, 0) == [Exit(0)]
