@@ -126,6 +126,13 @@ class Outcome(enum.Enum):
     STREAM_IDLE_TIMEOUT = "stream_idle_timeout"
     DOWNSTREAM_DISCONNECT = "downstream_disconnect"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    # envoy.filters.http.health_check answering a health check itself.
+    HEALTH_CHECK_OK = "health_check_ok"
+    HEALTH_CHECK_FAILED = "health_check_failed"
+    HEALTH_CHECK_CLUSTER_HEALTHY = "health_check_cluster_healthy"
+    HEALTH_CHECK_NO_CLUSTER = "health_check_no_cluster"
+    HEALTH_CHECK_CLUSTER_EMPTY = "health_check_cluster_empty"
+    HEALTH_CHECK_CLUSTER_UNHEALTHY = "health_check_cluster_unhealthy"
 
 
 # Status, flag and response-code-details strings are Envoy's (StreamInfo::ResponseCodeDetails).
@@ -193,6 +200,23 @@ LOCAL_REPLIES: dict[Outcome, LocalReply] = {
     Outcome.PAYLOAD_TOO_LARGE: LocalReply(
         413, ResponseFlag(0), "request_payload_too_large", "Payload Too Large"
     ),
+    # The health check filter's replies have no body (Envoy's HealthCheckFilter::onComplete).
+    Outcome.HEALTH_CHECK_OK: LocalReply(200, ResponseFlag(0), "health_check_ok", ""),
+    Outcome.HEALTH_CHECK_FAILED: LocalReply(
+        503, ResponseFlag.FAILED_LOCAL_HEALTH_CHECK, "health_check_failed", ""
+    ),
+    Outcome.HEALTH_CHECK_CLUSTER_HEALTHY: LocalReply(
+        200, ResponseFlag(0), "health_check_ok_cluster_healthy", ""
+    ),
+    Outcome.HEALTH_CHECK_NO_CLUSTER: LocalReply(
+        503, ResponseFlag.FAILED_LOCAL_HEALTH_CHECK, "health_check_failed_no_cluster_found", ""
+    ),
+    Outcome.HEALTH_CHECK_CLUSTER_EMPTY: LocalReply(
+        503, ResponseFlag.FAILED_LOCAL_HEALTH_CHECK, "health_check_failed_cluster_empty", ""
+    ),
+    Outcome.HEALTH_CHECK_CLUSTER_UNHEALTHY: LocalReply(
+        503, ResponseFlag.FAILED_LOCAL_HEALTH_CHECK, "health_check_failed_cluster_unhealthy", ""
+    ),
 }
 
 
@@ -237,6 +261,9 @@ class StreamInfo:
     upstream_service_time_ms: int | None = None
     attempt_count: int = 0
     connection_id: int = 0
+    # A health check request (envoy.filters.http.health_check matched it): not counted in the
+    # HCM's downstream_rq_completed / downstream_rq_<N>xx, skipped by not_health_check_filter.
+    health_check: bool = False
 
     def set_response_flag(self, flag: ResponseFlag) -> None:
         self.response_flags |= flag

@@ -235,6 +235,25 @@ def read_stats(segment: Segment, *, alive: Any = pid_alive) -> Stats:
     return out
 
 
+def reset_dead_counters(segment: Segment, *, alive: Any = pid_alive) -> int:
+    """Zero the counters of slots whose process is gone (admin ``/reset_counters``; live
+    processes zero their own, keeping one writer per live slot). Returns how many slots
+    were reset. A slot that a new process claims meanwhile may keep a value it seeded a
+    moment before: the reset is for humans debugging, as Envoy's."""
+    n = 0
+    mm = segment.mm
+    for info in slots(segment):
+        if alive(info.pid, info.start):
+            continue
+        body = slot_body_offset(info.slot)
+        count = min(info.n_stats, STATS_PER_SLOT)
+        for i, (_, kind, _) in enumerate(ENTRY.iter_unpack(mm[body : body + count * ENTRY_SIZE])):
+            if kind == COUNTER:
+                struct.pack_into("<Q", mm, body + i * ENTRY_SIZE + VALUE_AT, 0)
+        n += 1
+    return n
+
+
 def _num(x: float) -> str:
     return f"{x:.3f}".rstrip("0").rstrip(".") if x == x else "nan"
 

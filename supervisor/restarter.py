@@ -18,6 +18,7 @@ from dataclasses import dataclass
 CONFIG_ERROR = 1
 BOOT_ERROR = 2
 HOT_RESTART_VERSION_MISMATCH = 65
+ADMIN_QUIT = 3
 FATAL_EXIT_CODES = frozenset({CONFIG_ERROR, BOOT_ERROR, HOT_RESTART_VERSION_MISMATCH, 64})
 
 RELAUNCH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -155,6 +156,15 @@ class Restarter:
             self.serving = None
         if self.stopping is not None:
             return [] if self.live else [Exit(self.exit_code)]
+        if code == ADMIN_QUIT and epoch == newest:
+            # admin /quitquitquit on the serving epoch: the operator stops the service, as
+            # pilot-agent exits when its Envoy does. Older epochs are told to drain too.
+            self.stopping = "graceful"
+            msg = f"epoch {epoch} exited on admin /quitquitquit: stopping"
+            if not self.live:
+                return [Log(msg), Notify(f"STOPPING=1\nSTATUS={msg}"), Exit(0)]
+            return [Log(msg), Notify(f"STOPPING=1\nSTATUS={msg}"),
+                    *(SignalEpoch(e, "TERM") for e in sorted(self.live))]
         if code in FATAL_EXIT_CODES:
             if self.live:
                 # A failed reload: the epoch that was serving goes on serving.

@@ -14,8 +14,8 @@ the access log writes a line only when it is true. Semantics are Envoy's
   the threshold is read once, here.
 - ``response_flag_filter``: true when any of the listed flags is set; with no flags listed,
   when any flag at all is set. A flag name Envoy does not know is a ``ConfigError``.
-- ``not_health_check_filter``: always true: trioxy has no health-check requests (no
-  ``health_check`` filter) yet, so no stream is one. Revisit when health checking lands.
+- ``not_health_check_filter``: true unless the stream is a health check request, one the
+  ``envoy.filters.http.health_check`` filter matched (``StreamInfo.health_check``).
 - ``and_filter`` / ``or_filter``: all / any of at least two sub-filters, in order, stopping
   at the first that decides.
 
@@ -79,7 +79,7 @@ def compile_filter(msg: Any, path: str, runtime: Runtime | None = None) -> Filte
     if kind == "response_flag_filter":
         return _response_flags(body, fpath)
     if kind == "not_health_check_filter":
-        return _always_true
+        return _not_health_check
     if kind in ("and_filter", "or_filter"):
         if len(body.filters) < 2:
             raise ConfigError(f"{fpath}.filters", "value must contain at least 2 item(s)")
@@ -92,8 +92,8 @@ def compile_filter(msg: Any, path: str, runtime: Runtime | None = None) -> Filte
     raise not_supported(fpath, kind)
 
 
-def _always_true(si: StreamInfo) -> bool:
-    return True
+def _not_health_check(si: StreamInfo) -> bool:
+    return not si.health_check
 
 
 def _comparison(parent: Any, path: str, runtime: Runtime | None) -> Callable[[int], bool]:

@@ -15,4 +15,6 @@ class FactoryContext:
     runtime: Runtime | None = None
     # Whether route configs must name only known clusters (Envoy: true for static routes).
     validate_clusters: bool = True
+    # Envoy's LocalInfo clusterName(): the bootstrap's node.cluster ("" when unset).
+    local_cluster_name: str = ""
     extra: dict[str, object] = field(default_factory=dict)

@@ -221,3 +221,15 @@ def _fraction_entry(struct: struct_pb2.Struct) -> Entry:
     if numerator is not None and denominator is not None and set(fields) <= {"numerator", "denominator"}:
         fraction = FractionalPercent(numerator, denominator)
     return Entry(raw, fractional_percent=fraction)
+
+
+def layer_entries(layered_runtime: Any) -> list[tuple[str, dict[str, str]]]:
+    """(layer name, key -> raw value) of each layer, in order (admin ``/runtime``)."""
+    out: list[tuple[str, dict[str, str]]] = []
+    for layer in layered_runtime.layers:
+        values: dict[str, Entry] = {}
+        if layer.WhichOneof("layer_specifier") == "static_layer":
+            for key, value in layer.static_layer.fields.items():
+                _walk(value, key, values, "")
+        out.append((layer.name, {k: e.raw for k, e in values.items()}))
+    return out

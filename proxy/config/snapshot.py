@@ -18,11 +18,41 @@ from proxy.upstream.cluster_config import ClusterConfig
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """``bootstrap.admin``: where the admin API listens and how its requests are logged."""
+
+    address: tuple[str, int]
+    access_logs: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
 class Snapshot:
     bootstrap: Any
     listeners: tuple[ListenerConfig, ...]
     clusters: Mapping[str, ClusterConfig]
     runtime: Runtime
+    admin: AdminConfig | None = None
+
+
+def build_admin(admin: Any, runtime: Runtime) -> AdminConfig | None:
+    """None without ``admin.address`` (as Envoy: no admin listener then)."""
+    from proxy.access_log.access_log import AccessLog, build_access_logs
+    from proxy.access_log.formatter import DEFAULT_FORMAT, compile_format
+    from proxy.listener.listener_config import bind_address
+
+    if not admin.HasField("address"):
+        if admin.access_log or admin.access_log_path:
+            name = "access_log" if admin.access_log else "access_log_path"
+            raise ConfigError(f"admin.{name}", "an admin access log needs admin.address")
+        return None
+    address = bind_address(admin.address, "admin.address")
+    logs = list(build_access_logs(admin.access_log, FactoryContext(runtime=runtime),
+                                  "admin.access_log"))
+    if admin.access_log_path:
+        # Deprecated in Envoy but still honoured: Envoy's default format into that file.
+        logs.append(AccessLog("admin", admin.access_log_path,
+                              compile_format(DEFAULT_FORMAT + "\n", "admin.access_log_path")))
+    return AdminConfig(address, tuple(logs))
 
 
 def build_snapshot(bootstrap: Any) -> Snapshot:
@@ -37,7 +67,10 @@ def build_snapshot(bootstrap: Any) -> Snapshot:
         if cfg.name in clusters:
             raise ConfigError(f"{path}.name", f"duplicate cluster name {cfg.name!r}")
         clusters[cfg.name] = cfg
-    ctx = FactoryContext(cluster_names=frozenset(clusters), runtime=runtime)
+    ctx = FactoryContext(
+        cluster_names=frozenset(clusters), runtime=runtime,
+        local_cluster_name=bootstrap.node.cluster,
+    )
     listeners: list[ListenerConfig] = []
     names: set[str] = set()
     addresses: set[tuple[str, int]] = set()
@@ -53,4 +86,9 @@ def build_snapshot(bootstrap: Any) -> Snapshot:
         names.add(lc.name)
         addresses.add(lc.address)
         listeners.append(lc)
-    return Snapshot(bootstrap=bootstrap, listeners=tuple(listeners), clusters=clusters, runtime=runtime)
+    admin = build_admin(bootstrap.admin, runtime) if bootstrap.HasField("admin") else None
+    if admin is not None and admin.address in addresses and admin.address[1] != 0:
+        raise ConfigError("admin.address", f"a listener already uses {admin.address[0]}:"
+                                           f"{admin.address[1]}")
+    return Snapshot(bootstrap=bootstrap, listeners=tuple(listeners), clusters=clusters,
+                    runtime=runtime, admin=admin)

@@ -65,7 +65,7 @@ SUPPORTED: Mapping[str, frozenset[str]] = {
     "envoy.config.listener.v3.Listener": _f(
         "name", "address", "filter_chains", "default_filter_chain",
         "per_connection_buffer_limit_bytes", "stat_prefix",
-        "traffic_direction",  # informational only, as in Envoy without original_dst
+        "traffic_direction",  # admin /drain_listeners?inboundonly
     ),
     "envoy.config.listener.v3.FilterChain": _f("filter_chain_match", "filters", "name"),
     "envoy.config.listener.v3.FilterChainMatch": _f(
@@ -105,6 +105,11 @@ SUPPORTED: Mapping[str, frozenset[str]] = {
 
     # ---- HTTP filter: envoy.filters.http.router -----------------------------------------
     "envoy.extensions.filters.http.router.v3.Router": _f("suppress_envoy_headers", "dynamic_stats"),
+
+    # ---- HTTP filter: envoy.filters.http.health_check -----------------------------------
+    "envoy.extensions.filters.http.health_check.v3.HealthCheck": _f(
+        "pass_through_mode", "headers", "cache_time", "cluster_min_healthy_percentages"),
+    "envoy.type.v3.Percent": _f("value"),
 
     # ---- routes ------------------------------------------------------------------------
     "envoy.config.route.v3.RouteConfiguration": _f(

@@ -383,10 +383,12 @@ class ActiveStream:
             if not self.request_complete:
                 self.hc.close_after = True
             stats.rq_active.dec()
-            stats.rq_completed.inc()
             info.on_complete()
-            if info.response_code:
-                stats.on_response_code(info.response_code)
+            if not info.health_check:
+                # Envoy's chargeStats: health checks would drown the real traffic's numbers.
+                stats.rq_completed.inc()
+                if info.response_code:
+                    stats.on_response_code(info.response_code)
             stats.rq_time_ms.record((info.end_monotonic - info.start_monotonic) * 1000)  # type: ignore[operator]
             for access_log in self.config.access_logs:
                 access_log.log(info)

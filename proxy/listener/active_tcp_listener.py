@@ -50,6 +50,9 @@ class ActiveTcpListener:
                     continue
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
+                if exc.errno == errno.EINVAL:  # shut down (admin /drain_listeners)
+                    log.info("listener %s stopped", self.config.address_string)
+                    return
                 raise
             connections.start_soon(self._serve, raw)
 

@@ -6,6 +6,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+from envoy.config.core.v3.base_pb2 import TrafficDirection
+
 from proxy.config.context import FactoryContext
 from proxy.config.errors import ConfigError
 from proxy.listener.filter_chain_manager import FilterChainManager
@@ -25,6 +27,25 @@ class NetworkFilterChain:
         return self.filters[-1]
 
 
+def bind_address(address: Any, path: str) -> tuple[str, int]:
+    """The (ip, port) a listener (or the admin listener) binds; ``path`` names the Address."""
+    if address.WhichOneof("address") != "socket_address":
+        raise ConfigError(path, "only socket_address is supported")
+    sa = address.socket_address
+    sa_path = f"{path}.socket_address"
+    try:
+        ip = ipaddress.ip_address(sa.address)
+    except ValueError:
+        raise ConfigError(
+            f"{sa_path}.address", f"{sa.address!r} is not an IP address (listeners bind IPs)"
+        ) from None
+    if sa.WhichOneof("port_specifier") != "port_value" and sa.HasField("named_port"):
+        raise ConfigError(f"{sa_path}.named_port", "named_port is not supported")
+    if sa.protocol != 0:
+        raise ConfigError(f"{sa_path}.protocol", "only TCP listeners are supported")
+    return (str(ip), sa.port_value)
+
+
 @dataclass(frozen=True)
 class ListenerConfig:
     name: str
@@ -32,6 +53,9 @@ class ListenerConfig:
     filter_chains: FilterChainManager[NetworkFilterChain]
     per_connection_buffer_limit_bytes: int
     stat_prefix: str
+    # "UNSPECIFIED", "INBOUND" or "OUTBOUND": admin /drain_listeners?inboundonly drains
+    # only INBOUND listeners, as Envoy does.
+    traffic_direction: str = "UNSPECIFIED"
 
     @property
     def address_string(self) -> str:
@@ -46,21 +70,7 @@ class ListenerConfig:
     def from_proto(listener: Any, ctx: FactoryContext, path: str) -> ListenerConfig:
         if not listener.HasField("address"):
             raise ConfigError(f"{path}.address", "a listener needs an address")
-        if listener.address.WhichOneof("address") != "socket_address":
-            raise ConfigError(f"{path}.address", "only socket_address is supported")
-        sa = listener.address.socket_address
-        sa_path = f"{path}.address.socket_address"
-        try:
-            ip = ipaddress.ip_address(sa.address)
-        except ValueError:
-            raise ConfigError(
-                f"{sa_path}.address", f"{sa.address!r} is not an IP address (listeners bind IPs)"
-            ) from None
-        if sa.WhichOneof("port_specifier") != "port_value" and sa.HasField("named_port"):
-            raise ConfigError(f"{sa_path}.named_port", "named_port is not supported")
-        if sa.protocol != 0:
-            raise ConfigError(f"{sa_path}.protocol", "only TCP listeners are supported")
-        address = (str(ip), sa.port_value)
+        address = bind_address(listener.address, f"{path}.address")
 
         def build_chain(chain: Any, chain_path: str) -> NetworkFilterChain:
             return build_network_filter_chain(chain, ctx, chain_path)
@@ -80,6 +90,7 @@ class ListenerConfig:
             filter_chains=fcm,
             per_connection_buffer_limit_bytes=limit,
             stat_prefix=stat_prefix,
+            traffic_direction=TrafficDirection.Name(listener.traffic_direction),
         )
 
 

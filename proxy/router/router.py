@@ -178,6 +178,7 @@ class RouterFilter:
         stats.upstream_rq_total.inc()
         stats.upstream_rq_active.inc()
         host.rq_active += 1  # given back in on_destroy, however the stream ends
+        host.rq_total += 1
         if not await self._send_headers(headers, end_stream, allow_retry=True):
             return STOP_ITERATION
         if end_stream:
@@ -323,6 +324,8 @@ class RouterFilter:
         outcome = self.timeout_outcome
         if outcome is Outcome.UPSTREAM_REQUEST_TIMEOUT:
             self.cluster.cluster_stats.upstream_rq_timeout.inc()
+            if self.host is not None:
+                self.host.rq_timeout += 1
         else:
             cb.hcm_stats.rq_idle_timeout.inc()
         self._drop_upstream()
@@ -412,6 +415,12 @@ class RouterFilter:
         self.response_started = True
         status = int(headers.get(":status") or 0)
         _count_response_code(self.cluster, status)
+        host = self.host
+        if host is not None:
+            if status >= 500:
+                host.rq_error += 1
+            else:
+                host.rq_success += 1
         if not self.config.suppress_envoy_headers:
             ms = int((time.monotonic() - self.sent_at) * 1000)
             headers.add("x-envoy-upstream-service-time", str(ms))
@@ -420,6 +429,8 @@ class RouterFilter:
 
     async def _on_reset(self, reset: _UpstreamReset) -> None:
         cb = self.cb
+        if self.host is not None and not self.response_started:
+            self.host.rq_error += 1
         self._drop_upstream()
         self.response_done = True
         if reset.detail:

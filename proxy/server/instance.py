@@ -43,11 +43,13 @@ from proxy.server.hot_restart import (
 from proxy.server.lifeline import watch_parent
 from proxy.server.options import ExitCode, Options
 from proxy.server.stats_flush import MAIN_ROLE, MAIN_SLOT, flush_forever, open_slot
+from proxy.server.worker_control import ControlError, WorkerChannel
 from proxy.stats import Store
 
 log = logging.getLogger("trioxy.main")
 
 LISTEN_BACKLOG = 4096
+STATS_INTERVAL_S = 5.0  # Envoy's default stats_flush_interval
 WORKER_RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 WORKER_READY_TIMEOUT_S = 30.0
 
@@ -79,12 +81,30 @@ class WorkerHandle:
     process: Any = None
     restarts: int = 0
     ready: trio.Event = field(default_factory=trio.Event)
+    channel: WorkerChannel | None = None
 
 
 def address_key(address: tuple[str, int]) -> str:
     """How listening sockets are matched across a hot restart: (protocol, address)."""
     host, port = address
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def admin_key(address: tuple[str, int]) -> str:
+    """The admin listener's key: never confused with a proxy listener on the same address."""
+    return "admin+" + address_key(address)
+
+
+def is_listening(sock: socket.socket) -> bool:
+    """False for a socket that admin /drain_listeners shut down in an earlier epoch."""
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return False
+
+
+# Envoy's server.state values.
+SERVER_STATES = {"LIVE": 0, "DRAINING": 1, "PRE_INITIALIZING": 2, "INITIALIZING": 3}
 
 
 class Instance:
@@ -105,6 +125,16 @@ class Instance:
         self.workers = [WorkerHandle(i) for i in range(options.concurrency)]
         self.shutting_down = False
         self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.state = "PRE_INITIALIZING"
+        self.health_check_failed = False
+        self.admin_socket: socket.socket | None = None
+        self.admin_server: Any = None
+        self.stopped_listeners: set[int] = set()
+        self.admin_draining = False
+        self.exit_code = ExitCode.OK
+        self._interval: Any = None
+        self.loaded_at = time.time()
         self.stats = Store()
         self.stats_writer: Any = None
         if not options.disable_hot_restart:  # (stats are shared with later epochs)
@@ -119,21 +149,27 @@ class Instance:
     # -- sockets ---------------------------------------------------------------------
     def listener_keys(self) -> list[str]:
         """Keys of the listeners a parent may hand over (an ephemeral port 0 never is)."""
-        return [address_key(lc.address) for lc in self.snapshot.listeners if lc.address[1]]
+        keys = [address_key(lc.address) for lc in self.snapshot.listeners if lc.address[1]]
+        admin = self.snapshot.admin
+        if admin is not None and admin.address[1]:
+            keys.append(admin_key(admin.address))
+        return keys
 
     def bind_all(self, inherited: dict[str, socket.socket] | None = None) -> None:
         inherited = dict(inherited or {})
         try:
             for lc in self.snapshot.listeners:
                 key = address_key(lc.address)
-                sock = inherited.pop(key, None) if lc.address[1] else None
-                if sock is not None:
-                    sock.setblocking(False)
-                    self.handed_over += 1
-                else:
-                    sock = bind_listener(lc.address)
+                sock = self._take(inherited, key, lc.address)
                 self.sockets.append(sock)
                 self.keys.append(key)
+            admin = self.snapshot.admin
+            if admin is not None:
+                try:
+                    self.admin_socket = self._take(
+                        inherited, admin_key(admin.address), admin.address)
+                except BootError as exc:
+                    raise BootError(f"admin: {exc}") from None
         except BootError:
             for s in self.sockets:
                 s.close()
@@ -142,8 +178,25 @@ class Instance:
             for s in inherited.values():
                 s.close()  # a listener the new config dropped: the parent's copy stays open
 
+    def _take(self, inherited: dict[str, socket.socket], key: str,
+              address: tuple[str, int]) -> socket.socket:
+        sock = inherited.pop(key, None) if address[1] else None
+        if sock is not None and not is_listening(sock):
+            sock.close()  # stopped by /drain_listeners in an earlier epoch: bind anew
+            sock = None
+        if sock is not None:
+            sock.setblocking(False)
+            self.handed_over += 1
+            return sock
+        return bind_listener(address)
+
     def sockets_for_child(self) -> dict[str, socket.socket]:
-        return {k: s for k, s in zip(self.keys, self.sockets, strict=True) if not k.endswith(":0")}
+        out = {k: s for k, s in zip(self.keys, self.sockets, strict=True)
+               if not k.endswith(":0") and is_listening(s)}
+        admin = self.snapshot.admin
+        if self.admin_socket is not None and admin is not None and admin.address[1]:
+            out[admin_key(admin.address)] = self.admin_socket
+        return out
 
     def bound_addresses(self) -> list[str]:
         out = []
@@ -179,40 +232,52 @@ class Instance:
             argv += ["--listen-fd", f"{li}={s.fileno()}"]
         return argv
 
-    async def _start_worker(self, handle: WorkerHandle) -> None:
-        proc = await trio.lowlevel.open_process(
-            self._worker_argv(handle.index),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            pass_fds=[s.fileno() for s in self.sockets],
-        )
-        handle.process = proc
-        assert proc.stdin is not None and proc.stdout is not None
-        try:
-            await proc.stdin.send_all(self.serialized_bootstrap)
-        except trio.BrokenResourceError:
-            pass
-        finally:
-            await proc.stdin.aclose()
-        buf = b""
-        with trio.move_on_after(WORKER_READY_TIMEOUT_S):
-            while b"READY\n" not in buf:
-                chunk = await proc.stdout.receive_some(64)
-                if not chunk:
-                    break
-                buf += chunk
-        if b"READY\n" in buf:
-            handle.ready.set()
-
     async def _run_worker(self, handle: WorkerHandle, task_status: Any) -> None:
         """Keep one worker slot filled until shutdown; report when it first accepts."""
         started = False
         while True:
-            await self._start_worker(handle)
-            if handle.ready.is_set() and not started:
-                started = True
-                task_status.started()
-            rc = await handle.process.wait()
+            # Answers come back on a pipe of their own: the worker's stdout stays the
+            # process's (access logs may write there).
+            answers_r, answers_w = os.pipe()
+            try:
+                proc = await trio.lowlevel.open_process(
+                    [*self._worker_argv(handle.index), "--control-fd", str(answers_w)],
+                    stdin=subprocess.PIPE,
+                    pass_fds=[*(s.fileno() for s in self.sockets), answers_w],
+                )
+            except BaseException:
+                os.close(answers_r)
+                raise
+            finally:
+                os.close(answers_w)
+            handle.process = proc
+            assert proc.stdin is not None
+            answers = trio.lowlevel.FdStream(answers_r)
+            channel = handle.channel = WorkerChannel(proc.stdin, answers)
+            async with trio.open_nursery() as n:
+                n.start_soon(channel.read_loop)
+                try:
+                    await channel.send_bootstrap(self.serialized_bootstrap)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                with trio.move_on_after(WORKER_READY_TIMEOUT_S):
+                    await channel.ready.wait()
+                if channel.ready.is_set():
+                    handle.ready.set()
+                    if not started:
+                        started = True
+                        task_status.started()
+                    if self.health_check_failed:  # a replacement joins the failed state
+                        n.start_soon(self._call_one, handle, "health_check",
+                                     {"failed": True})
+                elif proc.returncode is None:
+                    log.error("worker %d did not start within %.0f s", handle.index,
+                              WORKER_READY_TIMEOUT_S)
+                    proc.kill()
+                rc = await proc.wait()
+                n.cancel_scope.cancel()
+            await proc.stdin.aclose()
+            await answers.aclose()
             if self.shutting_down:
                 return
             if not started:
@@ -283,10 +348,187 @@ class Instance:
     def _server_gauges(self) -> None:
         s = self.stats
         s.gauge("server.uptime").set(int(time.monotonic() - self.started))
-        s.gauge("server.state").set(1 if self.shutting_down else 0)  # LIVE, DRAINING
-        s.gauge("server.live").set(0 if self.shutting_down else 1)
+        state = self.server_state()
+        s.gauge("server.state").set(SERVER_STATES[state])
+        s.gauge("server.live").set(1 if state == "LIVE" else 0)
+
+    # -- what the admin API asks (proxy.admin.context.AdminContext) -------------------
+    def server_state(self) -> str:
+        if self.state != "LIVE":
+            return self.state
+        return "DRAINING" if self.shutting_down or self.health_check_failed else "LIVE"
+
+    def uptime_current_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def uptime_all_s(self) -> float:
+        first = self.started_wall
+        if self.stats_writer is not None:  # the segment was made by epoch 0 (or the agent)
+            first = min(first, float(self.stats_writer.seg.header().get("created", first)))
+        return max(0.0, time.time() - first)
+
+    def processes(self) -> list[tuple[str, int]]:
+        out = [("main", os.getpid())]
+        for h in self.workers:
+            p = h.process
+            if p is not None and p.returncode is None:
+                out.append((f"worker {h.index}", p.pid))
+        return out
+
+    def listener_addresses(self) -> list[tuple[str, str, bool]]:
+        return [(lc.name, addr, i in self.stopped_listeners) for i, (lc, addr) in
+                enumerate(zip(self.snapshot.listeners, self.bound_addresses(), strict=True))]
+
+    async def _call_one(self, h: WorkerHandle, op: str, args: dict[str, Any],
+                        wait_s: float = 2.0) -> Any:
+        if h.channel is None:
+            raise ControlError("worker is not running")
+        return await h.channel.call(op, wait_s, **args)
+
+    async def worker_call(self, op: str, wait_s: float = 2.0, **args: Any) -> dict[int, Any]:
+        answers: dict[int, Any] = {}
+
+        async def one(h: WorkerHandle) -> None:
+            try:
+                answers[h.index] = await self._call_one(h, op, args, wait_s)
+            except ControlError as exc:
+                log.warning("worker %d: %s: %s", h.index, op, exc)
+
+        async with trio.open_nursery() as n:
+            for h in self.workers:
+                if h.channel is not None and h.ready.is_set():
+                    n.start_soon(one, h)
+        return answers
+
+    async def current_stats(self) -> Any:
+        from shm.stats_block import Stats, read_stats
+
+        self._server_gauges()
+        if self.stats_writer is not None:
+            await self.worker_call("flush", wait_s=0.5)
+            self.stats_writer.flush(self.stats)
+            return await trio.to_thread.run_sync(read_stats, self.stats_writer.seg)
+        # No shared memory (--disable-hot-restart): this epoch's live processes only.
+        out = Stats()
+        stores = [_store_dict(self.stats), *(await self.worker_call("stats")).values()]
+        for d in stores:
+            for name, v in d["counters"].items():
+                out.counters[name] = out.counters.get(name, 0) + v
+            for name, v in d["gauges"].items():
+                out.gauges[name] = out.gauges.get(name, 0) + v
+            for name, (counts, total, n) in d["histograms"].items():
+                prev = out.histograms.get(name)
+                out.histograms[name] = (counts, total, n) if prev is None else (
+                    [a + b for a, b in zip(prev[0], counts, strict=True)], prev[1] + total,
+                    prev[2] + n)
+        return out
+
+    def histogram_interval(self) -> Any:
+        return self._interval
+
+    async def _track_intervals(self) -> None:
+        """Envoy's interval quantiles: histogram deltas over each stats flush interval."""
+        from shm.stats_block import Stats
+
+        last: dict[str, Any] = {}
+        while True:
+            await trio.sleep(STATS_INTERVAL_S)
+            cur = (await self.current_stats()).histograms
+            delta = Stats()
+            for name, (counts, total, n) in cur.items():
+                p = last.get(name)
+                if p is None:
+                    delta.histograms[name] = (counts, total, n)
+                else:
+                    delta.histograms[name] = (
+                        [max(0, a - b) for a, b in zip(counts, p[0], strict=True)],
+                        total - p[1], max(0, n - p[2]))
+            last = cur
+            self._interval = delta
+
+    async def reset_counters(self) -> None:
+        from shm.stats_block import reset_dead_counters
+
+        await self.worker_call("reset_counters")
+        for c in self.stats.counters.values():
+            c.value = 0
+        if self.stats_writer is not None:
+            self.stats_writer.flush(self.stats)
+            await trio.to_thread.run_sync(reset_dead_counters, self.stats_writer.seg)
+
+    async def set_health_check_failed(self, failed: bool) -> None:
+        self.health_check_failed = failed
+        log.warning("admin: health checks now %s", "FAIL" if failed else "pass")
+        await self.worker_call("health_check", failed=failed)
+
+    async def drain_listeners(self, *, graceful: bool, inbound_only: bool,
+                              skip_exit: bool) -> None:
+        chosen = [i for i, lc in enumerate(self.snapshot.listeners)
+                  if not inbound_only or lc.traffic_direction == "INBOUND"]
+        if not graceful:
+            await self._stop_listeners(chosen)
+            return
+        if self.state == "LIVE" and not self.admin_draining:
+            self.admin_draining = True
+            self.state = "DRAINING"
+            log.info("admin: draining %d listener(s) for %.1f s", len(chosen),
+                     self.options.drain_time_s)
+            await self.worker_call("drain")
+
+            async def stop_later() -> None:
+                await trio.sleep(self.options.drain_time_s)
+                if not skip_exit:
+                    await self._stop_listeners(chosen)
+
+            self.nursery.start_soon(stop_later)
+
+    async def _stop_listeners(self, chosen: list[int]) -> None:
+        """Stop accepting, then shut the sockets down so clients are refused rather than
+        left queued. The socket is shared with the agent's store and later epochs: a
+        stopped one is not handed over (``sockets_for_child``) and is bound anew."""
+        chosen = [i for i in chosen if i not in self.stopped_listeners]
+        if not chosen:
+            return
+        await self.worker_call("stop_accepting", listeners=chosen)
+        for i in chosen:
+            self.stopped_listeners.add(i)
+            try:
+                self.sockets[i].shutdown(socket.SHUT_RDWR)
+            except OSError as exc:
+                log.warning("could not stop listener %s: %s", self.keys[i], exc)
+        log.info("admin: stopped %d listener(s)", len(chosen))
+
+    def quit(self) -> None:
+        self.exit_code = ExitCode.ADMIN_QUIT
+        self.nursery.start_soon(self._drain_and_exit, "/quitquitquit",
+                                self.options.drain_time_s + 5.0)
+
+    async def set_log_level(self, level: str, logger: str | None) -> None:
+        from proxy.server.logging_setup import set_log_level
+
+        set_log_level(level, logger)
+        await self.worker_call("log_level", level=level, logger=logger)
+
+    async def _serve_admin(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        from proxy.admin.admin import Admin
+        from proxy.admin.clusters_handler import register as register_clusters
+        from proxy.admin.server_handler import register as register_server
+        from proxy.admin.stats_handler import register as register_stats
+
+        assert self.admin_socket is not None and self.snapshot.admin is not None
+        admin = Admin(self.snapshot.admin.access_logs)
+        register_stats(admin, self)
+        register_clusters(admin, self)
+        register_server(admin, self)
+        self.admin_server = admin
+        sock = trio.socket.from_stdlib_socket(self.admin_socket.dup())
+        with sock:
+            await admin.serve(sock, task_status=task_status)
 
     def _on_child_drain(self) -> None:
+        # The child serves admin from now on (it took the admin socket over).
+        if self.admin_server is not None:
+            self.admin_server.stop_accepting()
         # The child bounds our life with Terminate at --parent-shutdown-time-s; this is a
         # backstop should that message never come.
         grace = self.options.parent_shutdown_time_s + 5.0
@@ -338,7 +580,14 @@ class Instance:
                             )
                         except HotRestartError as exc:
                             raise BootError(str(exc)) from None
+                    self.state = "INITIALIZING"
                     await self._start_workers(nursery)
+                    self.state = "LIVE"
+                    if self.admin_socket is not None:
+                        # Only now: until the workers accept, the parent (if any) keeps
+                        # answering admin requests on the same socket.
+                        await nursery.start(self._serve_admin)
+                    nursery.start_soon(self._track_intervals)
                     log.info(
                         "trioxy epoch %d ready: %d worker(s), listening on %s%s",
                         opts.restart_epoch,
@@ -373,9 +622,19 @@ class Instance:
             finally:
                 for s in self.sockets:
                     s.close()
+                if self.admin_socket is not None:
+                    self.admin_socket.close()
                 if self.parent is not None:
                     self.parent.close()
-        return ExitCode.OK
+        return self.exit_code
+
+
+def _store_dict(store: Store) -> dict[str, Any]:
+    """A Store as plain data (the worker ``stats`` op answers the same shape)."""
+    return {"counters": {n: c.value for n, c in store.counters.items()},
+            "gauges": {n: g.value for n, g in store.gauges.items()},
+            "histograms": {n: (list(h.counts), h.sum, h.count)
+                           for n, h in store.histograms.items()}}
 
 
 def serve(options: Options, snapshot: Any, bootstrap: Any) -> int:

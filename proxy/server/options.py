@@ -18,6 +18,7 @@ class ExitCode(enum.IntEnum):
     BOOT_ERROR = 2  # could not bind, could not start workers
     USAGE_ERROR = 64  # bad command line (sysexits EX_USAGE)
     HOT_RESTART_VERSION_MISMATCH = 65
+    ADMIN_QUIT = 3  # admin /quitquitquit: trioxy-agent exits too (as pilot-agent with Envoy)
 
 
 class Mode(enum.Enum):

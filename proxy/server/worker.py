@@ -3,9 +3,13 @@
 Started by the epoch's main process with fork+exec (``python -m proxy.server.worker``), never
 by a fork inside a running trio loop. The main process passes:
 - the listening sockets as inherited fds (``--listen-fd <listener index>=<fd>``),
-- the validated bootstrap, serialized, on stdin (so every worker serves exactly the config
-  the main process validated, even if the file changed on disk meanwhile).
-The worker writes ``READY\\n`` to stdout once it accepts, and follows these signals:
+- the validated bootstrap, serialized, framed on stdin (so every worker serves exactly the
+  config the main process validated, even if the file changed on disk meanwhile); stdin then
+  carries the main process's commands (``worker_control.py``: stats flush, health-check
+  state, stop accepting, drain, per-host counters for admin /clusters, log level).
+The worker writes ``READY\\n`` to its control fd (a pipe of its own, ``--control-fd``: its
+stdout stays free for access logs) once it accepts, answers commands there, and
+follows these signals:
 TERM = drain (stop accepting, let connections finish within ``--drain-time-s``), INT = exit
 now, USR1 = reopen access logs.
 """
@@ -18,13 +22,17 @@ import os
 import signal
 import socket
 import sys
+from typing import Any
 
 import trio
 
+from proxy.listener.active_tcp_listener import ActiveTcpListener
 from proxy.server.drain_manager import DrainStrategy
 from proxy.server.lifeline import watch_parent
+from proxy.server.logging_setup import set_log_level
 from proxy.server.stats_flush import WORKER_ROLE, flush_forever, open_slot
 from proxy.server.worker_context import WorkerContext
+from proxy.server.worker_control import LineSender, read_bootstrap, serve_commands
 
 log = logging.getLogger("trioxy.worker")
 
@@ -42,6 +50,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--base-id", type=int, default=0)
     p.add_argument("--epoch", type=int, default=0)
     p.add_argument("--stats-slot", type=int, default=-1, help="shared-memory slot; -1: none")
+    p.add_argument("--control-fd", type=int, default=1, help="where READY and answers go")
     return p.parse_args(argv)
 
 
@@ -56,10 +65,10 @@ async def serve(
     on_ready: object = None,
     parent_pid: int = 0,
     stats_writer: object = None,
+    control: tuple[trio.abc.ReceiveStream, trio.abc.SendStream] | None = None,
 ) -> None:
     """Run the worker until SIGTERM's drain completes or SIGINT."""
     from proxy.access_log import file_sink
-    from proxy.listener.active_tcp_listener import ActiveTcpListener
     from proxy.stats import Store
     from proxy.upstream.cluster_manager import ClusterManager
 
@@ -96,15 +105,28 @@ async def serve(
                 root.start_soon(flush_forever, stats_writer, stats)
             await root.start(worker.timers.run)
             await root.start(worker.cluster_manager.run)
+            listener_scopes = [trio.CancelScope() for _ in listeners]
+            sender = LineSender(control[1]) if control is not None else None
+            if control is not None and sender is not None:
+                handlers = _control_handlers(
+                    worker, stats, stats_writer, listener_scopes,
+                    lambda: worker.drain.start_drain_sequence(drain_time_s, drain_strategy))
+                root.start_soon(serve_commands, control[0], sender, handlers)
             async with trio.open_nursery() as connections:
+
+                async def accept_one(al: ActiveTcpListener, scope: trio.CancelScope) -> None:
+                    with scope:
+                        await al.accept_loop(connections)
 
                 async def accept_all() -> None:
                     with accept_scope:
                         async with trio.open_nursery() as accepting:
-                            for al in listeners:
-                                accepting.start_soon(al.accept_loop, connections)
+                            for al, scope in zip(listeners, listener_scopes, strict=True):
+                                accepting.start_soon(accept_one, al, scope)
 
                 connections.start_soon(accept_all)
+                if sender is not None:
+                    await sender.send_all(b"READY\n")
                 if callable(on_ready):
                     on_ready()
                 if ready is not None:
@@ -126,6 +148,66 @@ async def serve(
             root.cancel_scope.cancel()
 
 
+def _control_handlers(
+    worker: WorkerContext,
+    stats: Any,
+    stats_writer: Any,
+    listener_scopes: list[trio.CancelScope],
+    start_drain: Any,
+) -> dict[str, Any]:
+    """What the main process may ask of this worker (``worker_control.py``)."""
+
+    def flush(msg: dict[str, Any]) -> None:
+        if stats_writer is not None:
+            stats_writer.flush(stats)
+
+    def health_check(msg: dict[str, Any]) -> None:
+        worker.drain.set_health_check_failed(bool(msg["failed"]))
+
+    def stop_accepting(msg: dict[str, Any]) -> None:
+        for i in msg["listeners"]:
+            listener_scopes[int(i)].cancel()
+
+    def drain(msg: dict[str, Any]) -> None:
+        start_drain()
+
+    def reset_counters(msg: dict[str, Any]) -> None:
+        for c in stats.counters.values():
+            c.value = 0
+        for cluster in worker.cluster_manager:
+            for h in cluster.hosts:
+                h.cx_total = h.cx_connect_fail = 0
+                h.rq_total = h.rq_success = h.rq_error = h.rq_timeout = 0
+        flush(msg)
+
+    def log_level(msg: dict[str, Any]) -> None:
+        set_log_level(msg["level"], msg.get("logger"))
+
+    def clusters(msg: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {"name": c.name, "hosts": [_host_state(h) for h in c.hosts]}
+            for c in worker.cluster_manager
+        ]
+
+    def stats_(msg: dict[str, Any]) -> dict[str, Any]:
+        return {"counters": {n: c.value for n, c in stats.counters.items()},
+                "gauges": {n: g.value for n, g in stats.gauges.items()},
+                "histograms": {n: (list(h.counts), h.sum, h.count)
+                               for n, h in stats.histograms.items()}}
+
+    return {"flush": flush, "stats": stats_, "health_check": health_check, "stop_accepting": stop_accepting,
+            "drain": drain, "reset_counters": reset_counters, "log_level": log_level,
+            "clusters": clusters}
+
+
+def _host_state(h: Any) -> dict[str, Any]:
+    return {"address": h.address, "port": h.port, "hostname": h.hostname, "weight": h.weight,
+            "priority": h.priority, "healthy": h.healthy, "cx_active": h.cx_active,
+            "rq_active": h.rq_active, "cx_total": h.cx_total,
+            "cx_connect_fail": h.cx_connect_fail, "rq_total": h.rq_total,
+            "rq_success": h.rq_success, "rq_error": h.rq_error, "rq_timeout": h.rq_timeout}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     from proxy.server.logging_setup import setup_logging
@@ -138,35 +220,36 @@ def main(argv: list[str] | None = None) -> int:
     from proxy.config.bootstrap import bootstrap_from_bytes
     from proxy.config.snapshot import build_snapshot
 
-    data = sys.stdin.buffer.read()
+    data = read_bootstrap(0)
     snapshot = build_snapshot(bootstrap_from_bytes(data))
     sockets: dict[int, socket.socket] = {}
     for spec in args.listen_fd:
         li, fd = spec.split("=")
         sockets[int(li)] = socket.socket(fileno=int(fd))
-    out = os.fdopen(os.dup(1), "w")
     writer = None
     if args.stats_slot >= 0:
         writer = open_slot(args.base_id, args.epoch, args.stats_slot, WORKER_ROLE, args.index,
                            create=False)
 
-    def on_ready() -> None:
-        out.write("READY\n")
-        out.flush()
+    async def run() -> None:
+        # The command pipes: stdin (after the bootstrap) and stdout. Log lines go to stderr.
+        control_in = trio.lowlevel.FdStream(os.dup(0))
+        control_out = trio.lowlevel.FdStream(os.dup(args.control_fd))
+        if args.control_fd != 1:
+            os.close(args.control_fd)
+        await serve(
+            snapshot,
+            sockets,
+            index=args.index,
+            drain_time_s=args.drain_time_s,
+            drain_strategy=DrainStrategy(args.drain_strategy),
+            parent_pid=args.parent_pid,
+            stats_writer=writer,
+            control=(control_in, control_out),
+        )
 
     try:
-        trio.run(
-            lambda: serve(
-                snapshot,
-                sockets,
-                index=args.index,
-                drain_time_s=args.drain_time_s,
-                drain_strategy=DrainStrategy(args.drain_strategy),
-                on_ready=on_ready,
-                parent_pid=args.parent_pid,
-                stats_writer=writer,
-            )
-        )
+        trio.run(run)
     except KeyboardInterrupt:
         pass
     finally:

@@ -118,6 +118,7 @@ class Http1ConnPool:
     async def connect(self) -> UpstreamConnection:
         stats = self.cluster.cluster_stats
         stats.upstream_cx_total.inc()
+        self.host.cx_total += 1
         try:
             stream = await connect_upstream(self.host, self.connect_timeout)
         except BaseException as exc:
@@ -126,6 +127,7 @@ class Http1ConnPool:
                 stats.upstream_cx_connect_timeout.inc()
             if reason is not None:
                 stats.upstream_cx_connect_fail.inc()
+                self.host.cx_connect_fail += 1
             raise
         stats.upstream_cx_active.inc()
         self.host.cx_active += 1

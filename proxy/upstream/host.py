@@ -1,7 +1,7 @@
 """One upstream endpoint as a worker sees it (Envoy's ``HostImpl``), with its per-worker counters.
 
 A ``Host`` belongs to one worker's cluster: ``rq_active`` / ``cx_active`` / ``healthy`` are
-plain attributes that the data path and the load balancer read and write without locks (each
+plain attributes (and the per-host counters) that the data path and the load balancer read and write without locks (each
 worker is one thread). Identity is the object: pools and maps may key on the host itself.
 
 The address is an IP literal (a resolved one for DNS clusters). A LOGICAL_DNS host keeps its
@@ -33,6 +33,12 @@ class Host:
         "rq_active",
         "cx_active",
         "healthy",
+        "cx_total",
+        "cx_connect_fail",
+        "rq_total",
+        "rq_success",
+        "rq_error",
+        "rq_timeout",
     )
 
     def __init__(
@@ -58,6 +64,14 @@ class Host:
         self.rq_active = 0
         self.cx_active = 0
         self.healthy = True
+        # Envoy's per-host stats (shown by admin /clusters, not in /stats): plain ints of
+        # this worker, summed over the epoch's workers when admin asks.
+        self.cx_total = 0
+        self.cx_connect_fail = 0
+        self.rq_total = 0
+        self.rq_success = 0
+        self.rq_error = 0
+        self.rq_timeout = 0
 
     def set_address(self, address: str, port: int | None = None) -> None:
         """Move the host (LOGICAL_DNS re-resolution); existing connections are unaffected."""

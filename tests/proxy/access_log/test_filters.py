@@ -96,9 +96,12 @@ def test_response_flag_truth_table(flags: list[str], set_: int, expected: bool) 
     assert flt({"response_flag_filter": {"flags": flags}})(info(flags=set_)) is expected
 
 
-def test_not_health_check_is_always_true() -> None:
+def test_not_health_check_drops_only_health_check_requests() -> None:
     f = flt({"not_health_check_filter": {}})
     assert f(info()) is True and f(info(None, None)) is True
+    hc = info()
+    hc.health_check = True
+    assert f(hc) is False
 
 
 @pytest.mark.parametrize(("a", "b"), [(False, False), (False, True), (True, False), (True, True)])

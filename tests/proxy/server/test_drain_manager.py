@@ -42,3 +42,19 @@ def test_on_drain_callbacks_fire_once_and_late_subscribers_fire_at_once() -> Non
     dm.start_drain_sequence(1)
     dm.on_drain(lambda: seen.append("late"))
     assert seen == ["early", "late"]
+
+
+def test_health_check_failed_closes_every_response_without_draining() -> None:
+    # Envoy's DrainManagerImpl::drainClose: true while health-check failed (DEFAULT drain type).
+    dm = DrainManager(rng=random.Random(7))
+    seen: list[str] = []
+    dm.on_drain(lambda: seen.append("drain"))
+    dm.set_health_check_failed(True)
+    assert dm.health_check_failed and all(dm.drain_close() for _ in range(100))
+    assert not dm.draining and seen == []  # idle connections are not closed
+    dm.set_health_check_failed(False)
+    assert not dm.drain_close()
+    # A gradual drain that has just begun says "not yet"; failing health checks overrides it.
+    dm.start_drain_sequence(600)
+    dm.set_health_check_failed(True)
+    assert all(dm.drain_close() for _ in range(100))

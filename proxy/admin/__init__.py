@@ -1,0 +1,1 @@
+"""Envoy's admin interface (/stats, /stats/prometheus, ...)."""

@@ -1,0 +1,3 @@
+"""``envoy.filters.http.health_check``: registers its factory on import."""
+
+from proxy.extensions.filters.http.health_check import config as config
