@@ -287,6 +287,9 @@ REGEX_EXTRACTORS: tuple[tuple[str, str, str, str], ...] = (
     ("envoy.response_code", r"_rq(_(\d{3}))$", "_rq_", ""),
     # *_rq_(<response_code_class>)xx
     ("envoy.response_code_class", r"_rq_((\d))xx$", "_rq_", ""),
+    # (http|tcp).<prefix>.response_flag.(<flag>): trioxy's counter per response flag
+    ("envoy.response_flag", r"^(?:http|tcp)\.[^.]+\.response_flag(\.([A-Z]+))$",
+     ".response_flag.", ""),
     # listener.[<address>.]ssl.ciphers.(<cipher>)
     ("envoy.ssl_cipher", r"^listener\..*?\.ssl\.ciphers(\.(<CIPHER>))$", ".ssl.ciphers.", ""),
     # (listener|cluster).[<name>.]ssl.curves.(<curve>)

@@ -262,6 +262,8 @@ class HttpConnection:
                 info.set_response_flag(ResponseFlag.DOWNSTREAM_CONNECTION_TERMINATION)
         self.stats.on_response_code(status)
         info.on_complete()
+        if info.response_flags:
+            self.stats.on_response_flags(info.response_flags)
         for access_log in self.config.access_logs:
             access_log.log(info)
 
@@ -390,6 +392,8 @@ class ActiveStream:
                 if info.response_code:
                     stats.on_response_code(info.response_code)
             stats.rq_time_ms.record((info.end_monotonic - info.start_monotonic) * 1000)  # type: ignore[operator]
+            if info.response_flags:
+                stats.on_response_flags(info.response_flags)
             for access_log in self.config.access_logs:
                 access_log.log(info)
 

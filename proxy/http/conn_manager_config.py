@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.config.errors import ConfigError, not_supported
 from proxy.config.protos import duration_s, wrapped
 from proxy.registry import http_filters
+from proxy.stream_info import FLAG_SHORT
 
 if TYPE_CHECKING:
     from proxy.config.context import FactoryContext
@@ -47,6 +48,7 @@ class HcmStats:
         "cx_idle_timeout", "cx_drain_close", "rq_total", "rq_http1_total", "rq_active",
         "rq_completed", "rq_xx", "rq_timeout", "rq_idle_timeout", "rq_header_timeout",
         "cx_length_ms", "rq_time_ms", "rq_rx_reset", "rq_tx_reset", "no_route", "no_cluster",
+        "_scope", "_flag_counters",
     )
 
     def __init__(self, store: Store, prefix: str) -> None:
@@ -72,10 +74,24 @@ class HcmStats:
         self.rq_time_ms = s.histogram("downstream_rq_time")
         self.no_route = s.counter("no_route")
         self.no_cluster = s.counter("no_cluster")
+        self._scope = s
+        self._flag_counters: dict[int, list[Any]] = {}
 
     def on_response_code(self, code: int) -> None:
         if 100 <= code < 600:
             self.rq_xx[code // 100 - 1].inc()
+
+    def on_response_flags(self, flags: int) -> None:
+        """``http.<prefix>.response_flag.<FLAG>``: trioxy's counter per Envoy response flag
+        (Prometheus: ``envoy_http_response_flag{envoy_response_flag="UH",...}``), so a
+        dashboard sees UH / UF / UT / NR ... without parsing access logs."""
+        counters = self._flag_counters.get(flags)
+        if counters is None:
+            counters = self._flag_counters[flags] = [
+                self._scope.counter(f"response_flag.{short}")
+                for flag, short in FLAG_SHORT if flags & flag]
+        for c in counters:
+            c.value += 1
 
 
 @dataclass(eq=False)

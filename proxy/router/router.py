@@ -328,7 +328,7 @@ class RouterFilter:
                 self.host.rq_timeout += 1
         else:
             cb.hcm_stats.rq_idle_timeout.inc()
-        self._drop_upstream()
+        self._drop_upstream(remote=False)
         if self.response_started:
             cb.stream_info.set_response_flag(LOCAL_REPLIES[outcome].flag)
             cb.reset_stream(LOCAL_REPLIES[outcome].details)
@@ -406,6 +406,9 @@ class RouterFilter:
                     continue
                 raise _UpstreamReset(Outcome.UPSTREAM_RESET_BEFORE_RESPONSE)
         self.response_done = True
+        cluster = self.cluster
+        if cluster is not None:
+            cluster.cluster_stats.upstream_rq_time.record((time.monotonic() - self.sent_at) * 1000)
         await cb.flush()
         self._release_upstream()
 
@@ -431,7 +434,8 @@ class RouterFilter:
         cb = self.cb
         if self.host is not None and not self.response_started:
             self.host.rq_error += 1
-        self._drop_upstream()
+        # The upstream closed or reset, or sent what cannot be parsed (we close: local).
+        self._drop_upstream(remote=reset.outcome is not Outcome.UPSTREAM_PROTOCOL_ERROR)
         self.response_done = True
         if reset.detail:
             cb.stream_info.upstream_transport_failure_reason = reset.detail
@@ -455,10 +459,11 @@ class RouterFilter:
         else:
             self.pool.discard(uc)
 
-    def _drop_upstream(self) -> None:
+    def _drop_upstream(self, remote: bool = False) -> None:
+        """Close the upstream connection with the request still in flight on it."""
         uc, self.uc = self.uc, None
         if uc is not None:
-            self.pool.discard(uc)
+            self.pool.discard(uc, remote=remote, active_rq=True)
 
     def _finish_request_stats(self) -> None:
         host = self.host

@@ -33,7 +33,7 @@ from proxy.config.errors import ConfigError, not_supported
 from proxy.config.protos import duration_s
 from proxy.network.connection import format_address
 from proxy.stats import Counter, Gauge, Store
-from proxy.stream_info import ResponseFlag, StreamInfo
+from proxy.stream_info import FLAG_SHORT, ResponseFlag, StreamInfo
 from proxy.tcp_proxy import relay as relay_mod
 
 if TYPE_CHECKING:
@@ -98,12 +98,19 @@ class ClusterWeight:
 class TcpProxyStats:
     """``tcp.<stat_prefix>.*`` of one worker's store."""
 
-    __slots__ = ("counters", "gauges")
+    __slots__ = ("counters", "gauges", "scope")
 
     def __init__(self, store: Store, stat_prefix: str) -> None:
         scope = store.scope(f"tcp.{stat_prefix}.")
+        self.scope = scope
         self.counters: dict[str, Counter] = {n: scope.counter(n) for n in TCP_PROXY_COUNTERS}
         self.gauges: dict[str, Gauge] = {n: scope.gauge(n) for n in TCP_PROXY_GAUGES}
+
+    def on_response_flags(self, flags: int) -> None:
+        """``tcp.<prefix>.response_flag.<FLAG>`` (as ``http.<prefix>.response_flag.*``)."""
+        for flag, short in FLAG_SHORT:
+            if flags & flag:
+                self.scope.counter(f"response_flag.{short}").inc()
 
 
 @dataclass(frozen=True)
@@ -247,6 +254,8 @@ class _Session:
             with trio.CancelScope(shield=True):
                 await self._close()
             info.on_complete()
+            if info.response_flags:
+                self.stats.on_response_flags(info.response_flags)
             for log in cfg.access_logs:
                 log.log(info)
 

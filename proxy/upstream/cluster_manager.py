@@ -35,7 +35,7 @@ from typing import Any
 
 import trio
 
-from proxy.stats import Counter, Gauge, Scope, Store
+from proxy.stats import Counter, Gauge, Histogram, Scope, Store
 from proxy.upstream.cluster_config import (
     ClusterConfig,
     DiscoveryType,
@@ -70,6 +70,11 @@ CLUSTER_COUNTERS = (
     "upstream_cx_connect_timeout",
     "upstream_cx_connect_attempts_exceeded",
     "upstream_cx_destroy",
+    "upstream_cx_destroy_local",
+    "upstream_cx_destroy_remote",
+    "upstream_cx_destroy_with_active_rq",
+    "upstream_cx_destroy_local_with_active_rq",
+    "upstream_cx_destroy_remote_with_active_rq",
     "upstream_cx_none_healthy",
     "upstream_cx_rx_bytes_total",
     "upstream_cx_tx_bytes_total",
@@ -77,6 +82,7 @@ CLUSTER_COUNTERS = (
     "upstream_rq_completed",
     "upstream_rq_timeout",
     "upstream_rq_retry",
+    "lb_healthy_panic",
     "membership_change",
     "update_attempt",
     "update_success",
@@ -94,13 +100,20 @@ CLUSTER_GAUGES = (
 class ClusterStats:
     """Typed handles on ``cluster.<name>.*``: the same objects the Scope returns by name."""
 
-    __slots__ = CLUSTER_COUNTERS + CLUSTER_GAUGES
+    __slots__ = (*CLUSTER_COUNTERS, *CLUSTER_GAUGES, "upstream_rq_time")
 
     upstream_cx_total: Counter
     upstream_cx_connect_fail: Counter
     upstream_cx_connect_timeout: Counter
     upstream_cx_connect_attempts_exceeded: Counter
     upstream_cx_destroy: Counter
+    upstream_cx_destroy_local: Counter
+    upstream_cx_destroy_remote: Counter
+    upstream_cx_destroy_with_active_rq: Counter
+    upstream_cx_destroy_local_with_active_rq: Counter
+    upstream_cx_destroy_remote_with_active_rq: Counter
+    lb_healthy_panic: Counter
+    upstream_rq_time: Histogram
     upstream_cx_none_healthy: Counter
     upstream_cx_rx_bytes_total: Counter
     upstream_cx_tx_bytes_total: Counter
@@ -123,6 +136,7 @@ class ClusterStats:
             setattr(self, name, scope.counter(name))
         for name in CLUSTER_GAUGES:
             setattr(self, name, scope.gauge(name))
+        self.upstream_rq_time = scope.histogram("upstream_rq_time")
 
 
 def _host_for(spec: EndpointSpec, address: str) -> Host:
@@ -145,6 +159,7 @@ class ThreadLocalCluster:
             hosts = [_host_for(e, e.address) for e in config.endpoints]
         self.hosts: list[Host] = hosts
         self._lb = create_load_balancer(config, hosts, rng)
+        self._lb.panic_counter = self.cluster_stats.lb_healthy_panic
         self._set_membership_gauges()
 
     def choose_host(self, ctx: LoadBalancerContext | None = None) -> Host | None:

@@ -107,12 +107,11 @@ class Http1ConnPool:
             while idle:
                 uc = idle.pop()
                 idle_for = now - uc.idle_since
-                if (timeout is None or idle_for < timeout) and (
-                    idle_for < _TRUST_IDLE_S or uc.still_open()
-                ):
+                expired = timeout is not None and idle_for >= timeout
+                if not expired and (idle_for < _TRUST_IDLE_S or uc.still_open()):
                     uc.reused = True
                     return uc
-                self._destroy(uc)
+                self._destroy(uc, remote=not expired)
         return await self.connect()
 
     async def connect(self) -> UpstreamConnection:
@@ -148,16 +147,30 @@ class Http1ConnPool:
         uc.idle_since = time.monotonic()
         self.idle.append(uc)
 
-    def discard(self, uc: UpstreamConnection) -> None:
+    def discard(self, uc: UpstreamConnection, *, remote: bool = False,
+                active_rq: bool = False) -> None:
+        """Close ``uc``: ``remote`` when the upstream closed or reset it, ``active_rq`` when
+        a request was still in flight on it (Envoy's upstream_cx_destroy_* stats)."""
         uc.requests += 1
-        self._destroy(uc)
+        self._destroy(uc, remote=remote, active_rq=active_rq)
 
-    def _destroy(self, uc: UpstreamConnection) -> None:
+    def _destroy(self, uc: UpstreamConnection, *, remote: bool = False,
+                 active_rq: bool = False) -> None:
         uc.close()
         self.host.cx_active -= 1
         stats = self.cluster.cluster_stats
         stats.upstream_cx_active.dec()
         stats.upstream_cx_destroy.inc()
+        if remote:
+            stats.upstream_cx_destroy_remote.inc()
+            if active_rq:
+                stats.upstream_cx_destroy_remote_with_active_rq.inc()
+        else:
+            stats.upstream_cx_destroy_local.inc()
+            if active_rq:
+                stats.upstream_cx_destroy_local_with_active_rq.inc()
+        if active_rq:
+            stats.upstream_cx_destroy_with_active_rq.inc()
 
 
 def pool_for(cluster: ThreadLocalCluster, host: Host) -> Http1ConnPool:

@@ -46,6 +46,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Any
 
 from proxy.common.hash import hash64
 from proxy.upstream.cluster_config import ClusterConfig, LbPolicy
@@ -139,6 +140,8 @@ class LoadBalancer:
         self.config = config
         self._rng = rng
         self._panic_threshold = config.healthy_panic_threshold
+        # cluster.<name>.lb_healthy_panic (anything with ``inc()``): each pick made in panic
+        self.panic_counter: Any = None
         self.hosts: list[Host] = []
         self.priority_load = compute_priority_load([])
         self._cumulative: tuple[int, ...] = (100,)
@@ -162,7 +165,10 @@ class LoadBalancer:
         pickers: list[Callable[..., Host] | None] = []
         for p in range(n_levels):
             source = levels[p] if pl.panic[p] else healthy[p]
-            pickers.append(self._build_picker(p, pl.panic[p], source) if source else None)
+            picker = self._build_picker(p, pl.panic[p], source) if source else None
+            if picker is not None and pl.panic[p]:
+                picker = self._counting_panic(picker)
+            pickers.append(picker)
         self._pickers = pickers
         full = [p for p, load in enumerate(pl.loads) if load == 100]
         self._only = pickers[full[0]] if full else None
@@ -175,6 +181,16 @@ class LoadBalancer:
             if pick is None:
                 return None
         return pick()
+
+    def _counting_panic(self, picker: Callable[..., Host]) -> Callable[..., Host]:
+        """Only panic levels pay for the count (Envoy's ``lb_healthy_panic``)."""
+
+        def pick(*args: Any) -> Host:
+            if self.panic_counter is not None:
+                self.panic_counter.inc()
+            return picker(*args)
+
+        return pick
 
     def _choose_priority(self, hash_value: int) -> int:
         """Envoy's ``choosePriority``: ``hash % 100 + 1`` against the cumulative loads."""

@@ -44,6 +44,7 @@ class Trioxy:
         self.proc = proc
         self.log_path = log_path
         self.config_path = config_path
+        self.base_id = 0
 
     @property
     def log(self) -> str:
@@ -94,6 +95,8 @@ def start_trioxy(tmp_path: Path) -> Iterator:
         logf = open(log_path, "wb")  # noqa: SIM115 (kept open for the process's life)
         proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT)
         t = Trioxy(proc, log_path, cfg)
+        args = extra or []
+        t.base_id = int(args[args.index("--base-id") + 1]) if "--base-id" in args else 0
         started.append(t)
         if wait_port is not None:
             try:
@@ -109,6 +112,12 @@ def start_trioxy(tmp_path: Path) -> Iterator:
     yield start
     for t in started:
         t.stop()
+    # Standalone epochs leave their stats segment behind (the agent removes its own on
+    # exit): remove what this test's epochs used.
+    from shm.segment import Segment
+
+    for base in {t.base_id for t in started}:
+        Segment.unlink(base)
 
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"

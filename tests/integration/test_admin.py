@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import signal
 import socket
@@ -101,17 +102,28 @@ def stat(port: int, name: str) -> int:
 
 
 @pytest.fixture
+def base_id():
+    """A base id of its own: a fresh stats segment, whatever earlier tests counted."""
+    from shm.segment import Segment
+
+    base = os.getpid() % 50000 + 10000
+    yield base
+    Segment.unlink(base)
+
+
+@pytest.fixture
 def up():
     u = PyUpstream()
     yield u
     u.close()
 
 
-def test_stats_clusters_config_dump_and_friends(start_trioxy, up, tmp_path: Path) -> None:
+def test_stats_clusters_config_dump_and_friends(start_trioxy, up, base_id: int,
+                                                tmp_path: Path) -> None:
     port, aport = free_port(), free_port()
     alog = tmp_path / "admin_access.log"
     t = start_trioxy(config(port, aport, up.port, extra_admin=f"  access_log_path: {alog}"),
-                     wait_port=port, concurrency=2)
+                     wait_port=port, concurrency=2, extra=["--base-id", str(base_id)])
     wait_for_port(aport, proc=t.proc)
     before = stat(aport, "http.ingress.downstream_rq_total")
     before_2xx = stat(aport, "cluster.upstream.upstream_rq_200")
@@ -122,12 +134,22 @@ def test_stats_clusters_config_dump_and_friends(start_trioxy, up, tmp_path: Path
     assert stat(aport, "http.ingress.downstream_rq_total") - before == n
     assert stat(aport, "cluster.upstream.upstream_rq_200") - before_2xx == n
 
+    # An upstream that closes mid-request: 503 UC, counted per response flag, and the
+    # upstream connection is destroyed remotely with a request in flight.
+    uc_before = stat(aport, "http.ingress.response_flag.UC")
+    remote_before = stat(aport, "cluster.upstream.upstream_cx_destroy_remote_with_active_rq")
+    assert http_get(port, "/close-after")[0] == 503
+    assert stat(aport, "http.ingress.response_flag.UC") - uc_before == 1
+    assert stat(aport, "cluster.upstream.upstream_cx_destroy_remote_with_active_rq") \
+        - remote_before == 1
+
     # /stats text: Envoy's lines; histograms with quantiles.
     status, _, text = admin(aport, "/stats")
     assert status == 200
     assert re.search(r"^server\.hot_restart_epoch: 0$", text, re.M)
     assert re.search(r"^server\.state: 0$", text, re.M)  # LIVE
     assert re.search(r"^http\.ingress\.downstream_rq_time: P0\(", text, re.M), text[-2000:]
+    assert re.search(r"^cluster\.upstream\.upstream_rq_time: P0\(", text, re.M)
     # ?format=json, ?filter, ?usedonly
     status, headers, body = admin(aport, "/stats?format=json&filter=downstream_rq_2xx")
     assert status == 200 and headers["content-type"].startswith("application/json")
@@ -137,7 +159,7 @@ def test_stats_clusters_config_dump_and_friends(start_trioxy, up, tmp_path: Path
     assert all("downstream_rq_2xx" in x for x in names)
     _, _, used = admin(aport, "/stats?usedonly")
     assert "http.ingress.downstream_rq_2xx" in used
-    assert "http.ingress.downstream_rq_5xx:" not in used  # never written
+    assert "http.ingress.downstream_rq_4xx:" not in used  # never written
     assert admin(aport, "/stats?filter=(")[0] == 400
     assert admin(aport, "/stats?format=xml")[0] == 400
 
@@ -153,6 +175,8 @@ def test_stats_clusters_config_dump_and_friends(start_trioxy, up, tmp_path: Path
     # envoy_cluster_upstream_rq{envoy_response_code="200"})
     assert samples[("envoy_cluster_upstream_rq_total", (("envoy_cluster_name", "upstream"),
                                                   ("envoy_response_code", "200")))] >= n
+    assert samples[("envoy_http_response_flag_total", (
+        ("envoy_http_conn_manager_prefix", "ingress"), ("envoy_response_flag", "UC")))] >= 1
     [hist] = [f for f in families if f.name == "envoy_http_downstream_rq_time"]
     assert hist.type == "histogram"
     counts = [s for s in hist.samples if s.name.endswith("_count")]
@@ -161,14 +185,15 @@ def test_stats_clusters_config_dump_and_friends(start_trioxy, up, tmp_path: Path
     # /clusters: per-host counters of this epoch, text and Envoy's JSON.
     status, _, text = admin(aport, "/clusters")
     host = f"upstream::127.0.0.1:{up.port}::"
-    assert f"{host}rq_total::{n}\n" in text
+    assert f"{host}rq_total::{n + 1}\n" in text
     assert f"{host}rq_success::{n}\n" in text
+    assert f"{host}rq_error::1\n" in text
     assert f"{host}health_flags::healthy\n" in text
     status, _, body = admin(aport, "/clusters?format=json")
     clusters = json_format.Parse(body, clusters_pb2.Clusters())
     [cs] = clusters.cluster_statuses
     assert cs.name == "upstream"
-    assert {s.name: s.value for s in cs.host_statuses[0].stats}["rq_total"] == n
+    assert {s.name: s.value for s in cs.host_statuses[0].stats}["rq_total"] == n + 1
 
     # /listeners
     assert admin(aport, "/listeners")[2] == f"ingress::127.0.0.1:{port}\n"

@@ -450,6 +450,9 @@ def test_concurrency_changes_across_restarts_reset_no_queued_connection(tmp_path
                 p.send_signal(signal.SIGTERM)
                 p.wait(10)
         up.close()
+        from shm.segment import Segment
+
+        Segment.unlink(int(base))
 
 
 def test_no_fd_growth_across_restarts(tmp_path: Path) -> None:

@@ -490,3 +490,20 @@ def test_hashing_priority_choice_uses_the_request_hash() -> None:
             host = lb.choose_host(LoadBalancerContext(key))
             assert host is not None
             assert host.priority == (0 if key % 100 + 1 <= 70 else 1)
+
+
+@pytest.mark.parametrize("policy", list(LbPolicy))
+def test_picks_in_panic_are_counted(policy: LbPolicy) -> None:
+    """Envoy's cluster.<name>.lb_healthy_panic: one per pick made while in panic."""
+    from proxy.stats import Counter
+
+    hosts = hosts_of((1, 1, 1, 1))
+    lb = lb_for(policy, hosts)
+    lb.panic_counter = counter = Counter("lb_healthy_panic")
+    picks(lb, 10, LoadBalancerContext(hash_key=7))
+    assert counter.value == 0
+    for h in hosts[:3]:  # 25 % healthy < 50 %: panic, every host is a candidate
+        h.healthy = False
+    lb.update_hosts(hosts)
+    picks(lb, 10, LoadBalancerContext(hash_key=7))
+    assert counter.value == 10
