@@ -455,6 +455,9 @@ def test_concurrency_changes_across_restarts_reset_no_queued_connection(tmp_path
         Segment.unlink(int(base))
 
 
+RESTARTS = 200  # the figure: ~0.6 s each here, two minutes in all
+
+
 def test_no_fd_growth_across_restarts(tmp_path: Path) -> None:
     up = PyUpstream()
     port = free_port()
@@ -474,10 +477,16 @@ def test_no_fd_growth_across_restarts(tmp_path: Path) -> None:
         restart(2)
         time.sleep(0.5)
         fds_before = me.num_fds()
-        for n in range(3, 13):
+        children_before = len(me.children(recursive=True))
+        for n in range(3, RESTARTS + 3):
             restart(n)
         time.sleep(0.5)
         assert me.num_fds() <= fds_before, (fds_before, me.num_fds())
+        # No process left behind either: epochs and their workers all went.
+        deadline = time.monotonic() + 10
+        while len(me.children(recursive=True)) > children_before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(me.children(recursive=True)) <= children_before
         deadline = time.monotonic() + 10
         while len(agent.epochs()) > 1 and time.monotonic() < deadline:
             time.sleep(0.1)
