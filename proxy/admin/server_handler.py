@@ -100,8 +100,11 @@ def register(admin: Admin, ctx: AdminContext) -> None:
         return _json({"layers": [name for name, _ in layers], "entries": entries})
 
     async def runtime_modify(req: AdminRequest) -> AdminResponse:
-        # As Envoy without an admin layer in layered_runtime (trioxy refuses admin layers).
-        return AdminResponse(503, "No admin layer specified\n")
+        # As Envoy without an admin layer in layered_runtime. trioxy refuses admin layers:
+        # runtime values are compiled into the config snapshot, so a value changed here
+        # would show in /runtime and change nothing. The bootstrap and a SIGHUP do it.
+        return AdminResponse(503, "No admin layer specified\n(trioxy compiles runtime values"
+                                  " into its config: change layered_runtime and reload)\n")
 
     async def config_dump(req: AdminRequest) -> AdminResponse:
         dump = build_config_dump(ctx.snapshot.bootstrap, loaded_at=ctx.loaded_at)

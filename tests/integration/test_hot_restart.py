@@ -203,6 +203,16 @@ def test_sighups_under_load_fail_no_request(tmp_path: Path) -> None:
         assert last.pid != first
         assert "handed over 1 listening socket(s)" in agent.log
         assert http_get(port, "/ok")[0] == 200
+        # A new connection is served by a worker of the newest epoch: find the process
+        # that holds its server side.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/ok")
+        conn.getresponse().read()
+        client_port = conn.sock.getsockname()[1]
+        owners = [w.pid for w in last.children()
+                  if any(c.raddr and c.raddr.port == client_port for c in w.net_connections())]
+        conn.close()
+        assert len(owners) == 1, owners
         times = restart_times(agent.log)
         print(f"\n{load.ok} requests, 0 failed, {hups} SIGHUPs in {elapsed:.1f} s; "
               f"{len(times)} restarts, SIGHUP to new epoch serving: "
