@@ -70,3 +70,7 @@ network_filters = Registry("network filter")
 http_filters = Registry("HTTP filter")
 access_loggers = Registry("access logger")
 listener_filters = Registry("listener filter")
+# Transport sockets (envoy.transport_sockets.tls, .raw_buffer): a factory returns the compiled
+# context (proxy.tls.context.TlsContext), or None for plaintext.
+downstream_transport_sockets = Registry("downstream transport socket")
+upstream_transport_sockets = Registry("upstream transport socket")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from proxy.http.headers import HeaderMap
@@ -119,6 +119,8 @@ class Outcome(enum.Enum):
     UPSTREAM_REQUEST_TIMEOUT = "upstream_request_timeout"
     UPSTREAM_OVERFLOW = "upstream_overflow"
     UPSTREAM_LOCAL_RESET = "upstream_local_reset"
+    UPSTREAM_REMOTE_RESET = "upstream_remote_reset"  # HTTP/2 RST_STREAM from the upstream
+    UPSTREAM_REFUSED_STREAM = "upstream_refused_stream"  # RST_STREAM REFUSED_STREAM, GOAWAY
     DOWNSTREAM_PROTOCOL_ERROR = "downstream_protocol_error"
     REQUEST_HEADERS_TOO_LARGE = "request_headers_too_large"
     REQUEST_HEADERS_TIMEOUT = "request_headers_timeout"
@@ -174,6 +176,17 @@ LOCAL_REPLIES: dict[Outcome, LocalReply] = {
     Outcome.UPSTREAM_OVERFLOW: LocalReply(
         503, ResponseFlag.UPSTREAM_OVERFLOW, "upstream_reset_before_response_started{overflow}",
         "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+    ),
+    Outcome.UPSTREAM_REMOTE_RESET: LocalReply(
+        503, ResponseFlag.UPSTREAM_REMOTE_RESET,
+        "upstream_reset_before_response_started{remote_reset}",
+        "upstream connect error or disconnect/reset before headers. reset reason: remote reset",
+    ),
+    Outcome.UPSTREAM_REFUSED_STREAM: LocalReply(
+        503, ResponseFlag.UPSTREAM_REMOTE_RESET,
+        "upstream_reset_before_response_started{remote_refused_stream_reset}",
+        "upstream connect error or disconnect/reset before headers."
+        " reset reason: remote refused stream reset",
     ),
     Outcome.UPSTREAM_LOCAL_RESET: LocalReply(
         503, ResponseFlag.LOCAL_RESET, "upstream_reset_before_response_started{local_reset}",
@@ -252,7 +265,14 @@ class StreamInfo:
     downstream_local_address: str | None = None  # "ip:port"
     downstream_remote_address: str | None = None  # "ip:port", after XFF handling
     downstream_direct_remote_address: str | None = None  # the socket peer
+    # A listener filter (original_dst, proxy_protocol) restored downstream_local_address:
+    # it is the connection's original destination (ORIGINAL_DST clusters connect to it).
+    downstream_local_address_restored: bool = False
     requested_server_name: str | None = None
+    # TLS facts (proxy.tls.connection_info.SslConnectionInfo) of the downstream connection and
+    # of the upstream one; None for plaintext. Read by the %DOWNSTREAM_TLS_*% / %*_SAN% operators.
+    downstream_ssl: Any = None
+    upstream_ssl: Any = None
     route_name: str | None = None
     virtual_cluster_name: str | None = None
     request_headers: HeaderMap | None = None

@@ -64,14 +64,20 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--pidfile", help="write the agent's pid here; refuse if a live agent has it")
     p.add_argument("--restart-backoff-max-s", type=float, default=30.0,
                    help="relaunch delays after crashes double from 0.5 s up to this")
+    p.add_argument("--epoch-command", metavar="PATH",
+                   help="run each epoch as PATH <flags> instead of this installation's trioxy;"
+                        " resolved again at every spawn, so a binary upgrade is: repoint PATH"
+                        " (a symlink or wrapper), then SIGHUP. Flags a wrapper appends win"
+                        " (e.g. --concurrency)")
     ns, rest = p.parse_known_args(argv)
     return ns, rest + ["--log-level", ns.log_level]
 
 
 class Agent:
     def __init__(self, epoch_args: list[str], base_id: int = 0,
-                 backoff_max_s: float = 30.0) -> None:
+                 backoff_max_s: float = 30.0, epoch_command: str | None = None) -> None:
         self.epoch_args = epoch_args
+        self.epoch_command = epoch_command
         self.base_id = base_id
         self.policy = Restarter(backoff_max_s)
         self.procs: dict[int, Any] = {}
@@ -119,8 +125,11 @@ class Agent:
             self._perform(self.policy.on_epoch_exit(epoch, 0))
             return
         ready_r, ready_w = os.pipe()
+        # -P: never let the working directory shadow the installed package.
+        command = [self.epoch_command] if self.epoch_command else [
+            sys.executable, "-P", "-m", "proxy.cli"]
         argv = [
-            sys.executable, "-m", "proxy.cli", *self.epoch_args, "--base-id", str(self.base_id),
+            *command, *self.epoch_args, "--base-id", str(self.base_id),
             "--restart-epoch", str(epoch), "--ready-fd", str(ready_w),
             "--parent-epoch", str(-1 if parent is None else parent),
         ]
@@ -244,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         except (pidfile.PidFileError, OSError) as exc:
             log.critical("%s", exc)
             return 2
-    agent = Agent(epoch_args, ns.base_id, ns.restart_backoff_max_s)
+    agent = Agent(epoch_args, ns.base_id, ns.restart_backoff_max_s, ns.epoch_command)
     try:
         return trio.run(agent.run, ns.use_dynamic_base_id, ns.base_id_path)
     finally:

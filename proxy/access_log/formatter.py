@@ -935,6 +935,62 @@ _OPERATORS: dict[str, tuple[int, _Builder]] = {
     "UNIQUE_ID": (COMMAND_ONLY, _unique_id_builder),
 }
 
+
+
+# ---- TLS (StreamInfo.downstream_ssl / upstream_ssl: proxy.tls.connection_info) ---------
+def _ssl_op(side: str, read: Callable[[Any], Any]) -> _Op:
+    """An operator over one side's SslConnectionInfo: ``-`` without TLS or without a value;
+    several SANs are joined with ``,`` as Envoy joins them."""
+
+    def text(si: StreamInfo) -> str | None:
+        info = getattr(si, side, None)
+        if info is None:
+            return None
+        v = read(info)
+        if isinstance(v, tuple):
+            return ",".join(v) or None
+        return v or None
+
+    return _Op(text)
+
+
+def _tls_operators() -> dict[str, tuple[int, _Builder]]:
+    def serial(i: Any) -> str | None:
+        s = i.peer_serial
+        return s if s is None or len(s) % 2 == 0 else "0" + s
+
+    readers: dict[str, Callable[[Any], Any]] = {
+        "TLS_VERSION": lambda i: i.tls_version,
+        "TLS_CIPHER": lambda i: i.cipher,
+        "TLS_SESSION_ID": lambda i: i.session_id_hex,
+        "PEER_URI_SAN": lambda i: i.peer_sans.uri,
+        "PEER_DNS_SAN": lambda i: i.peer_sans.dns,
+        "PEER_IP_SAN": lambda i: i.peer_sans.ip,
+        "PEER_SUBJECT": lambda i: i.peer_subject,
+        "PEER_ISSUER": lambda i: i.peer_issuer,
+        "LOCAL_URI_SAN": lambda i: i.local.uri,
+        "LOCAL_DNS_SAN": lambda i: i.local.dns,
+        "LOCAL_IP_SAN": lambda i: i.local.ip,
+    }
+    downstream_only: dict[str, Callable[[Any], Any]] = {
+        "PEER_EMAIL_SAN": lambda i: i.peer_sans.email,
+        "LOCAL_EMAIL_SAN": lambda i: i.local.email,
+        "LOCAL_SUBJECT": lambda i: i.local.subject,
+        "PEER_SERIAL": serial,
+        "PEER_FINGERPRINT_256": lambda i: i.peer_fingerprint_256,
+        "PEER_FINGERPRINT_1": lambda i: i.peer_fingerprint_1,
+    }
+    out: dict[str, tuple[int, _Builder]] = {}
+    for name, read in readers.items():
+        out[f"DOWNSTREAM_{name}"] = (COMMAND_ONLY, _simple(_ssl_op("downstream_ssl", read)))
+        out[f"UPSTREAM_{name}"] = (COMMAND_ONLY, _simple(_ssl_op("upstream_ssl", read)))
+    for name, read in downstream_only.items():
+        out[f"DOWNSTREAM_{name}"] = (COMMAND_ONLY, _simple(_ssl_op("downstream_ssl", read)))
+    return out
+
+
+_OPERATORS.update(_tls_operators())
+
 # Operators Envoy knows that trioxy has no data for (TLS, metadata, filter state, gRPC...):
 # refused by name rather than printed as "-" forever.
 _ENVOY_UNSUPPORTED: frozenset[str] = frozenset((

@@ -32,6 +32,9 @@ class Snapshot:
     clusters: Mapping[str, ClusterConfig]
     runtime: Runtime
     admin: AdminConfig | None = None
+    # ``bind_to_port: false`` listeners: no socket, reached only by a use_original_dst
+    # hand-off (proxy.listener.active_tcp_socket). ``listeners`` are the bound ones.
+    unbound_listeners: tuple[ListenerConfig, ...] = ()
 
 
 def build_admin(admin: Any, runtime: Runtime) -> AdminConfig | None:
@@ -72,6 +75,7 @@ def build_snapshot(bootstrap: Any) -> Snapshot:
         local_cluster_name=bootstrap.node.cluster,
     )
     listeners: list[ListenerConfig] = []
+    unbound: list[ListenerConfig] = []
     names: set[str] = set()
     addresses: set[tuple[str, int]] = set()
     for i, lp in enumerate(sr.listeners):
@@ -85,10 +89,10 @@ def build_snapshot(bootstrap: Any) -> Snapshot:
             )
         names.add(lc.name)
         addresses.add(lc.address)
-        listeners.append(lc)
+        (listeners if lc.bind_to_port else unbound).append(lc)
     admin = build_admin(bootstrap.admin, runtime) if bootstrap.HasField("admin") else None
     if admin is not None and admin.address in addresses and admin.address[1] != 0:
         raise ConfigError("admin.address", f"a listener already uses {admin.address[0]}:"
                                            f"{admin.address[1]}")
     return Snapshot(bootstrap=bootstrap, listeners=tuple(listeners), clusters=clusters,
-                    runtime=runtime, admin=admin)
+                    runtime=runtime, admin=admin, unbound_listeners=tuple(unbound))

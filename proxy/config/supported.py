@@ -66,14 +66,33 @@ SUPPORTED: Mapping[str, frozenset[str]] = {
         "name", "address", "filter_chains", "default_filter_chain",
         "per_connection_buffer_limit_bytes", "stat_prefix",
         "traffic_direction",  # admin /drain_listeners?inboundonly
+        # proxy/listener/listener_filter.py, active_tcp_socket.py
+        "listener_filters", "listener_filters_timeout", "continue_on_listener_filters_timeout",
+        "use_original_dst", "bind_to_port",
     ),
-    "envoy.config.listener.v3.FilterChain": _f("filter_chain_match", "filters", "name"),
+    "envoy.config.listener.v3.FilterChain": _f(
+        "filter_chain_match", "filters", "name",
+        "transport_socket", "transport_socket_connect_timeout",  # proxy/tls/
+    ),
     "envoy.config.listener.v3.FilterChainMatch": _f(
         "destination_port", "prefix_ranges", "direct_source_prefix_ranges", "source_type",
         "source_prefix_ranges", "source_ports", "server_names", "transport_protocol",
         "application_protocols",
     ),
     "envoy.config.listener.v3.Filter": _f("name", "typed_config"),
+    "envoy.config.listener.v3.ListenerFilter": _f("name", "typed_config"),
+
+    # ---- listener filters (proxy/extensions/filters/listener/) --------------------------
+    # JA3/JA4 fingerprints are refused: nothing would read them.
+    "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector": _f(
+        "max_client_hello_size", "initial_read_buffer_size",
+        "close_connection_on_client_hello_parsing_errors"),
+    "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector": _f(),
+    "envoy.extensions.filters.listener.original_dst.v3.OriginalDst": _f(),
+    # rules (TLV -> dynamic metadata), pass_through_tlvs and tlv_location are refused: no
+    # dynamic metadata and no upstream PROXY protocol to pass TLVs to.
+    "envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol": _f(
+        "allow_requests_without_proxy_protocol", "disallowed_versions", "stat_prefix"),
 
     # ---- network filter: envoy.filters.network.tcp_proxy --------------------------------
     "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy": _f(
@@ -93,6 +112,7 @@ SUPPORTED: Mapping[str, frozenset[str]] = {
         "server_header_transformation", "drain_timeout", "delayed_close_timeout",
         "http_protocol_options", "skip_xff_append", "via", "preserve_external_request_id",
         "always_set_request_id_in_response",
+        "http2_protocol_options",  # HTTP/2 (proxy/http/conn_manager_h2.py)
     ),
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter": _f(
         "name", "typed_config"),
@@ -102,9 +122,21 @@ SUPPORTED: Mapping[str, frozenset[str]] = {
     ),
     # HTTP/1 options: the message may be given (``{}``), none of its knobs are implemented.
     "envoy.config.core.v3.Http1ProtocolOptions": _f(),
+    # HTTP/2 (downstream and upstream): the settings trioxy advertises and enforces.
+    "envoy.config.core.v3.Http2ProtocolOptions": _f(
+        "max_concurrent_streams", "initial_stream_window_size", "initial_connection_window_size",
+        "hpack_table_size"),
 
     # ---- HTTP filter: envoy.filters.http.router -----------------------------------------
     "envoy.extensions.filters.http.router.v3.Router": _f("suppress_envoy_headers", "dynamic_stats"),
+
+    # ---- HTTP filter: envoy.filters.http.grpc_stats -------------------------------------
+    # emit_filter_state is read only to be refused by the factory with its own message.
+    "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig": _f(
+        "emit_filter_state", "individual_method_stats_allowlist", "stats_for_all_methods",
+        "enable_upstream_stats", "replace_dots_in_grpc_service_name"),
+    "envoy.config.core.v3.GrpcMethodList": _f("services"),
+    "envoy.config.core.v3.GrpcMethodList.Service": _f("name", "method_names"),
 
     # ---- HTTP filter: envoy.filters.http.health_check -----------------------------------
     "envoy.extensions.filters.http.health_check.v3.HealthCheck": _f(
@@ -130,7 +162,11 @@ SUPPORTED: Mapping[str, frozenset[str]] = {
     "envoy.config.route.v3.RouteAction": _f(
         "cluster", "weighted_clusters", "cluster_header", "prefix_rewrite", "regex_rewrite",
         "host_rewrite_literal", "auto_host_rewrite", "timeout", "hash_policy",
+        "max_stream_duration",  # grpc-timeout only (router/config.py)
     ),
+    # max_stream_duration itself (a stream duration bound) is not implemented.
+    "envoy.config.route.v3.RouteAction.MaxStreamDuration": _f(
+        "grpc_timeout_header_max", "grpc_timeout_header_offset"),
     "envoy.config.route.v3.WeightedCluster": _f("clusters", "total_weight"),
     "envoy.config.route.v3.WeightedCluster.ClusterWeight": _f("name", "weight"),
     "envoy.config.route.v3.RouteAction.HashPolicy": _f(
@@ -161,16 +197,24 @@ SUPPORTED: Mapping[str, frozenset[str]] = {
         "per_connection_buffer_limit_bytes", "dns_refresh_rate", "dns_lookup_family",
         "ring_hash_lb_config", "maglev_lb_config", "least_request_lb_config",
         "typed_extension_protocol_options", "common_http_protocol_options",
+        "cleanup_interval", "original_dst_lb_config",  # ORIGINAL_DST only
+        "transport_socket",  # proxy/tls/ (transport_socket_matches is refused)
+        "http2_protocol_options",  # deprecated, still common: an HTTP/2 upstream
     ),
+    # metadata_key is refused: no dynamic metadata.
+    "envoy.config.cluster.v3.Cluster.OriginalDstLbConfig": _f(
+        "use_http_header", "http_header_name", "upstream_port_override"),
     "envoy.config.cluster.v3.Cluster.RingHashLbConfig": _f(
         "minimum_ring_size", "maximum_ring_size", "hash_function"),
     "envoy.config.cluster.v3.Cluster.MaglevLbConfig": _f("table_size"),
     "envoy.config.cluster.v3.Cluster.LeastRequestLbConfig": _f("choice_count"),
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _f(
-        "common_http_protocol_options", "explicit_http_config"),
-    # HTTP/2 upstreams are a later issue: only http_protocol_options (HTTP/1.1).
+        "common_http_protocol_options", "explicit_http_config", "auto_config"),
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig": _f(
-        "http_protocol_options"),
+        "http_protocol_options", "http2_protocol_options"),
+    # ALPN (TLS clusters only, cluster_config._upstream_protocol): HTTP/3 is refused.
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.AutoHttpConfig": _f(
+        "http_protocol_options", "http2_protocol_options"),
 
     # ---- endpoints ---------------------------------------------------------------------
     "envoy.config.endpoint.v3.ClusterLoadAssignment": _f("cluster_name", "endpoints"),
@@ -178,6 +222,32 @@ SUPPORTED: Mapping[str, frozenset[str]] = {
         "locality", "lb_endpoints", "load_balancing_weight", "priority"),
     "envoy.config.endpoint.v3.LbEndpoint": _f("endpoint", "load_balancing_weight"),
     "envoy.config.endpoint.v3.Endpoint": _f("address", "hostname"),
+
+    # ---- transport sockets (proxy/tls/, proxy/extensions/transport_sockets/) -------------
+    # What is left out is refused, notably: SDS and certificate providers, session ticket
+    # keys, OCSP stapling, CRLs, trust_chain_verification ACCEPT_UNTRUSTED, max_verify_depth,
+    # custom validators and handshakers, key_log, signature_algorithms, compliance_policies,
+    # pkcs12, private_key_provider, watched_directory, auto_sni / auto_host_sni,
+    # allow_renegotiation, max_session_keys, require_sni, session_timeout.
+    "envoy.config.core.v3.TransportSocket": _f("name", "typed_config"),
+    "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer": _f(),
+    "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext": _f(
+        "common_tls_context", "require_client_certificate",
+        "disable_stateless_session_resumption", "prefer_client_ciphers"),
+    "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext": _f("common_tls_context", "sni"),
+    "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext": _f(
+        "tls_params", "tls_certificates", "validation_context", "alpn_protocols"),
+    "envoy.extensions.transport_sockets.tls.v3.TlsParameters": _f(
+        "tls_minimum_protocol_version", "tls_maximum_protocol_version", "cipher_suites",
+        "ecdh_curves"),
+    "envoy.extensions.transport_sockets.tls.v3.TlsCertificate": _f(
+        "certificate_chain", "private_key", "password"),
+    "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext": _f(
+        "trusted_ca", "system_root_certs", "match_typed_subject_alt_names",
+        "match_subject_alt_names", "verify_certificate_hash", "verify_certificate_spki",
+        "allow_expired_certificate"),
+    "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext.SystemRootCerts": _f(),
+    "envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher": _f("san_type", "matcher"),
 
     # ---- access logs -------------------------------------------------------------------
     "envoy.config.accesslog.v3.AccessLog": _f("name", "typed_config", "filter"),

@@ -39,8 +39,10 @@ from proxy.http.codec.events import (
     Trailers,
 )
 from proxy.http.codec.h1_fast import Http1ServerCodec
-from proxy.http.conn_manager_config import SERVER_APPEND_IF_ABSENT, SERVER_OVERWRITE
+from proxy.http.codec.h2 import H2_PREFACE
+from proxy.http.conn_manager_config import CODEC_AUTO, SERVER_APPEND_IF_ABSENT, SERVER_OVERWRITE
 from proxy.http.filter_manager import FilterManager
+from proxy.http.grpc import http_to_grpc_status, is_grpc_request, percent_encode
 from proxy.http.headers import HeaderMap
 from proxy.stream_info import LOCAL_REPLIES, Outcome, ResponseFlag, StreamInfo
 
@@ -87,7 +89,7 @@ class StreamReset(Exception):
 class HttpConnection:
     __slots__ = (
         "config", "conn", "worker", "codec", "stats", "out", "close_after", "abort",
-        "requests", "peer_eof", "idle_close", "idle_since", "idle_timer",
+        "requests", "peer_eof", "idle_close", "idle_since", "idle_timer", "h2_preface",
     )
 
     def __init__(self, config: HttpConnectionManagerConfig, conn: Connection, worker: WorkerContext):
@@ -97,6 +99,7 @@ class HttpConnection:
         self.codec = Http1ServerCodec(
             max_request_headers_kb=config.max_request_headers_kb,
             max_headers_count=config.max_headers_count,
+            scheme="https" if conn.tls else "http",
         )
         self.stats: HcmStats = config.stats(worker.stats)
         self.out = bytearray()
@@ -107,12 +110,14 @@ class HttpConnection:
         self.idle_close: str | None = None  # why the idle wait was ended from outside
         self.idle_since = 0.0
         self.idle_timer: Any = None
+        self.h2_preface: bytes | None = None  # AUTO codec: the client spoke HTTP/2
 
     # -- connection loop ------------------------------------------------------------------
     async def run(self) -> None:
         stats = self.stats
         stats.cx_total.inc()
-        stats.cx_http1_total.inc()
+        if self.config.codec_type != CODEC_AUTO:
+            stats.cx_http1_total.inc()  # AUTO counts once the first bytes decided
         stats.cx_active.inc()
         started = time.monotonic()
         try:
@@ -121,6 +126,11 @@ class HttpConnection:
                 deadline=trio.current_time() + deadline if deadline else float("inf")
             ):
                 await self._serve()
+                if self.h2_preface is not None:
+                    from proxy.http.conn_manager_h2 import Http2Connection
+
+                    await Http2Connection(self.config, self.conn, self.worker).serve(
+                        self.h2_preface)
         except StreamReset:
             pass
         finally:
@@ -197,6 +207,10 @@ class HttpConnection:
             if self.idle_timer is not None:
                 self.idle_timer.cancel()
                 self.idle_timer = None
+        if self.requests == 0:
+            data = await self._sniff(data)
+            if data is None:
+                return None
         codec.receive_data(data)
         if not data:
             return None
@@ -217,6 +231,25 @@ class HttpConnection:
             await self._raw_reply(reply.status, reply.body.encode(), info)
             return None
         return ev
+
+    async def _sniff(self, data: bytes) -> bytes | None:
+        """The connection's first bytes: HTTP/1.x, or (codec AUTO) the HTTP/2 connection
+        preface of a prior-knowledge h2c client, which hands the connection to
+        ``Http2Connection`` (None is returned and ``h2_preface`` holds the bytes)."""
+        if self.config.codec_type == CODEC_AUTO:
+            if data[:1] == b"P":
+                with trio.move_on_after(self.config.request_headers_timeout or 10.0):
+                    while data and len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
+                        more = await self.conn.receive_some(_RECV)
+                        if not more:
+                            break
+                        data += more
+                if data.startswith(H2_PREFACE):
+                    self.h2_preface = data
+                    return None
+            if data:
+                self.stats.cx_http1_total.inc()
+        return data
 
     def _on_idle_timeout(self) -> None:
         self.close_idle("drain" if self.worker.drain.draining else "idle_timeout")
@@ -274,6 +307,7 @@ class HttpConnection:
             downstream_remote_address=c.downstream_remote_address,
             downstream_direct_remote_address=c.downstream_direct_remote_address,
             requested_server_name=c.requested_server_name,
+            downstream_ssl=c.downstream_ssl,
             connection_id=c.connection_id,
         )
 
@@ -338,6 +372,7 @@ class ActiveStream:
             downstream_remote_address=c.downstream_remote_address,
             downstream_direct_remote_address=c.downstream_direct_remote_address,
             requested_server_name=c.requested_server_name,
+            downstream_ssl=c.downstream_ssl,
             connection_id=c.connection_id,
             request_headers=ev.headers,
         )
@@ -496,7 +531,7 @@ class ActiveStream:
         if config.use_remote_address:
             if not config.skip_xff_append:
                 headers.append_value("x-forwarded-for", peer)
-            headers.set("x-forwarded-proto", "http")
+            headers.set("x-forwarded-proto", "https" if self.hc.conn.tls else "http")
         else:
             if xff is not None:
                 # The client is the entry xff_num_trusted_hops from the right.
@@ -506,7 +541,7 @@ class ActiveStream:
                     info.downstream_remote_address = entries[idx]
                     self.source_ip = entries[idx]
             if "x-forwarded-proto" not in headers:
-                headers.add("x-forwarded-proto", "http")
+                headers.add("x-forwarded-proto", "https" if self.hc.conn.tls else "http")
         if config.generate_request_id:
             rid = headers.get("x-request-id")
             if rid is None or (config.use_remote_address and not config.preserve_external_request_id):
@@ -533,6 +568,18 @@ class ActiveStream:
             self.reset_stream(details)
             return
         info.response_code_details = details
+        if is_grpc_request(self.request_headers):
+            # Envoy's Utility::sendLocalReply for gRPC: a trailers-only response, the
+            # status mapped to grpc-status and the body text as grpc-message.
+            headers = HeaderMap([
+                (":status", "200"), ("content-type", "application/grpc"),
+                ("grpc-status", str(http_to_grpc_status(status))),
+            ])
+            if body:
+                headers.add("grpc-message", percent_encode(body.decode("utf-8", "replace")))
+            await self.fm.encode_headers(headers, True)
+            await self.flush()
+            return
         headers = HeaderMap([(":status", str(status))])
         if location is not None:
             headers.add("location", location)

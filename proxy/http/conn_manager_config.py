@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.config.errors import ConfigError, not_supported
 from proxy.config.protos import duration_s, wrapped
+from proxy.http.codec.h2 import Http2Options
 from proxy.registry import http_filters
 from proxy.stream_info import FLAG_SHORT
 
@@ -29,6 +30,7 @@ DEFAULT_MAX_HEADERS_COUNT = 100
 DEFAULT_SERVER_NAME = "envoy"
 
 _CODEC_AUTO, _CODEC_HTTP1, _CODEC_HTTP2, _CODEC_HTTP3 = 0, 1, 2, 3
+CODEC_AUTO, CODEC_HTTP1, CODEC_HTTP2 = _CODEC_AUTO, _CODEC_HTTP1, _CODEC_HTTP2
 SERVER_OVERWRITE, SERVER_APPEND_IF_ABSENT, SERVER_PASS_THROUGH = 0, 1, 2
 
 
@@ -44,7 +46,8 @@ class HcmStats:
     """``http.<stat_prefix>.*`` for one worker (Envoy's ConnectionManagerNamedStats)."""
 
     __slots__ = (
-        "cx_total", "cx_active", "cx_http1_total", "cx_destroy", "cx_protocol_error",
+        "cx_total", "cx_active", "cx_http1_total", "cx_http2_total", "cx_http2_active",
+        "rq_http2_total", "cx_destroy", "cx_protocol_error",
         "cx_idle_timeout", "cx_drain_close", "rq_total", "rq_http1_total", "rq_active",
         "rq_completed", "rq_xx", "rq_timeout", "rq_idle_timeout", "rq_header_timeout",
         "cx_length_ms", "rq_time_ms", "rq_rx_reset", "rq_tx_reset", "no_route", "no_cluster",
@@ -56,6 +59,9 @@ class HcmStats:
         self.cx_total = s.counter("downstream_cx_total")
         self.cx_active = s.gauge("downstream_cx_active")
         self.cx_http1_total = s.counter("downstream_cx_http1_total")
+        self.cx_http2_total = s.counter("downstream_cx_http2_total")
+        self.cx_http2_active = s.gauge("downstream_cx_http2_active")
+        self.rq_http2_total = s.counter("downstream_rq_http2_total")
         self.cx_destroy = s.counter("downstream_cx_destroy")
         self.cx_protocol_error = s.counter("downstream_cx_protocol_error")
         self.cx_idle_timeout = s.counter("downstream_cx_idle_timeout")
@@ -119,6 +125,8 @@ class HttpConnectionManagerConfig:
     via: str
     drain_timeout: float
     delayed_close_timeout: float | None
+    codec_type: int = _CODEC_AUTO
+    http2_options: Http2Options = field(default_factory=Http2Options)
     _stats: dict[int, HcmStats] = field(default_factory=dict, repr=False)
 
     def stats(self, store: Store) -> HcmStats:
@@ -130,6 +138,14 @@ class HttpConnectionManagerConfig:
     async def serve_connection(self, conn: Any, worker: Any) -> None:
         from proxy.http.conn_manager import HttpConnection
 
+        # ALPN decides on TLS; on plaintext AUTO sniffs the HTTP/2 preface (prior
+        # knowledge h2c) in the HTTP/1 connection's first read.
+        alpn = getattr(conn, "negotiated_protocol", None)
+        if self.codec_type == _CODEC_HTTP2 or (self.codec_type == _CODEC_AUTO and alpn == "h2"):
+            from proxy.http.conn_manager_h2 import Http2Connection
+
+            await Http2Connection(self, conn, worker).run()
+            return
         await HttpConnection(self, conn, worker).run()
 
     @staticmethod
@@ -138,11 +154,9 @@ class HttpConnectionManagerConfig:
 
         if not msg.stat_prefix:
             raise ConfigError(f"{path}.stat_prefix", "stat_prefix is required")
-        if msg.codec_type == _CODEC_HTTP2:
-            raise not_supported(f"{path}.codec_type", "codec_type HTTP2 (downstream HTTP/2)")
         if msg.codec_type == _CODEC_HTTP3:
             raise not_supported(f"{path}.codec_type", "codec_type HTTP3")
-        if msg.codec_type not in (_CODEC_AUTO, _CODEC_HTTP1):
+        if msg.codec_type not in (_CODEC_AUTO, _CODEC_HTTP1, _CODEC_HTTP2):
             raise not_supported(f"{path}.codec_type", f"codec_type {msg.codec_type}")
         if msg.WhichOneof("route_specifier") != "route_config":
             raise ConfigError(f"{path}.route_config", "a static route_config is required")
@@ -195,6 +209,13 @@ class HttpConnectionManagerConfig:
                 f"{path}.common_http_protocol_options.max_headers_count", "must be at least 1"
             )
         max_rq = wrapped(cho, "max_requests_per_connection", 0) or None
+        http2_options = Http2Options()
+        if msg.HasField("http2_protocol_options"):
+            if msg.codec_type == _CODEC_HTTP1:
+                raise ConfigError(f"{path}.http2_protocol_options",
+                                  "has no effect with codec_type HTTP1")
+            http2_options = Http2Options.from_proto(
+                msg.http2_protocol_options, f"{path}.http2_protocol_options")
         return HttpConnectionManagerConfig(
             stat_prefix=msg.stat_prefix,
             route_table=route_table,
@@ -221,4 +242,6 @@ class HttpConnectionManagerConfig:
             delayed_close_timeout=_timeout(
                 msg, "delayed_close_timeout", DEFAULT_DELAYED_CLOSE_TIMEOUT_S
             ),
+            codec_type=msg.codec_type,
+            http2_options=http2_options,
         )

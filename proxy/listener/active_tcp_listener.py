@@ -13,10 +13,17 @@ import socket
 
 import trio
 
+from proxy.listener.active_tcp_socket import (
+    ConnectionHandler,
+    ListenerFilterManager,
+    apply_accepted,
+)
 from proxy.listener.filter_chain_manager import ConnectionFacts
 from proxy.listener.listener_config import ListenerConfig
+from proxy.listener.listener_filter import AcceptedSocket
 from proxy.network.connection import Connection
 from proxy.server.worker_context import WorkerContext
+from proxy.tls.ssl_socket import ListenerTlsStats, accept_tls
 
 log = logging.getLogger("trioxy.listener")
 
@@ -36,6 +43,11 @@ class ActiveTcpListener:
         self.cx_active = scope.gauge("downstream_cx_active")
         self.no_filter_chain_match = scope.counter("no_filter_chain_match")
         self.cx_overflow_errors = scope.counter("downstream_global_cx_overflow")
+        self.tls_stats = ListenerTlsStats(scope)  # ssl.* and the handshake timeout (proxy.tls)
+        # Listener filters and use_original_dst hand-off (proxy.listener.active_tcp_socket);
+        # None without any: accepted sockets go straight to _serve.
+        self.listener_filters = ListenerFilterManager(self) if config.listener_filters else None
+        self.handler: ConnectionHandler | None = None  # the worker's listeners, for hand-off
 
     async def accept_loop(self, connections: trio.Nursery) -> None:
         """Accept until cancelled; each connection runs in ``connections``."""
@@ -54,9 +66,14 @@ class ActiveTcpListener:
                     log.info("listener %s stopped", self.config.address_string)
                     return
                 raise
-            connections.start_soon(self._serve, raw)
+            if self.listener_filters is None:
+                connections.start_soon(self._serve, raw)
+            else:
+                connections.start_soon(self.listener_filters.serve, raw)
 
-    async def _serve(self, raw: trio.socket.SocketType) -> None:
+    async def _serve(self, raw: trio.socket.SocketType,
+                     accepted: AcceptedSocket | None = None) -> None:
+        """Serve a connection; ``accepted`` holds what listener filters learned, if any ran."""
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -67,6 +84,8 @@ class ActiveTcpListener:
         conn: Connection | None = None
         try:
             conn = Connection(stream, buffer_limit=self.config.per_connection_buffer_limit_bytes)
+            if accepted is not None:
+                apply_accepted(conn, accepted)
             facts = ConnectionFacts(
                 destination_ip=conn.local_address[0],
                 destination_port=conn.local_address[1],
@@ -75,10 +94,14 @@ class ActiveTcpListener:
                 server_name=conn.requested_server_name,
                 transport_protocol=conn.transport_protocol,
                 application_protocols=conn.application_protocols,
+                direct_source_ip=None if accepted is None else accepted.direct_remote_address[0],
             )
             chain = self.config.filter_chains.find_filter_chain(facts)
             if chain is None:
                 self.no_filter_chain_match.inc()
+                return
+            if chain.transport_socket is not None and not await accept_tls(
+                    conn, chain, self.tls_stats):
                 return
             await chain.terminal.serve_connection(conn, self.worker)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):

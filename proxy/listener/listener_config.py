@@ -10,7 +10,13 @@ from envoy.config.core.v3.base_pb2 import TrafficDirection
 
 from proxy.config.context import FactoryContext
 from proxy.config.errors import ConfigError
+from proxy.config.protos import wrapped
 from proxy.listener.filter_chain_manager import FilterChainManager
+from proxy.listener.listener_filter import (
+    DEFAULT_LISTENER_FILTERS_TIMEOUT_S,
+    build_listener_filters,
+    listener_filters_timeout_s,
+)
 from proxy.network.connection import DEFAULT_BUFFER_LIMIT
 from proxy.registry import network_filters
 
@@ -21,10 +27,21 @@ class NetworkFilterChain:
 
     name: str
     filters: tuple[Any, ...]
+    # The downstream TLS context (proxy.tls.context.TlsContext) of transport_socket, or None
+    # for plaintext; the handshake runs after the chain is chosen, before the filters.
+    transport_socket: Any = None
+    # Bound on that handshake (s): transport_socket_connect_timeout; None = no bound.
+    transport_socket_connect_timeout: float | None = None
 
     @property
     def terminal(self) -> Any:
         return self.filters[-1]
+
+
+# Envoy puts no bound on a TLS handshake unless transport_socket_connect_timeout is set; a
+# client that opens a connection and never finishes the handshake would then hold it forever.
+# trioxy bounds it by default (like listener_filters_timeout's 15 s); an explicit 0s turns it off.
+DEFAULT_TRANSPORT_SOCKET_CONNECT_TIMEOUT_S = 15.0
 
 
 def bind_address(address: Any, path: str) -> tuple[str, int]:
@@ -56,6 +73,12 @@ class ListenerConfig:
     # "UNSPECIFIED", "INBOUND" or "OUTBOUND": admin /drain_listeners?inboundonly drains
     # only INBOUND listeners, as Envoy does.
     traffic_direction: str = "UNSPECIFIED"
+    # Listener filters in run order (proxy.listener.listener_filter); () costs nothing.
+    listener_filters: tuple[Any, ...] = ()
+    listener_filters_timeout: float | None = DEFAULT_LISTENER_FILTERS_TIMEOUT_S  # None: off
+    continue_on_listener_filters_timeout: bool = False
+    use_original_dst: bool = False  # hand restored connections to the listener of that address
+    bind_to_port: bool = True  # False: reachable only through a use_original_dst hand-off
 
     @property
     def address_string(self) -> str:
@@ -91,6 +114,11 @@ class ListenerConfig:
             per_connection_buffer_limit_bytes=limit,
             stat_prefix=stat_prefix,
             traffic_direction=TrafficDirection.Name(listener.traffic_direction),
+            listener_filters=build_listener_filters(listener, ctx, path),
+            listener_filters_timeout=listener_filters_timeout_s(listener, path),
+            continue_on_listener_filters_timeout=listener.continue_on_listener_filters_timeout,
+            use_original_dst=wrapped(listener, "use_original_dst", False),
+            bind_to_port=wrapped(listener, "bind_to_port", True),
         )
 
 
@@ -121,4 +149,24 @@ def build_network_filter_chain(chain: Any, ctx: FactoryContext, path: str) -> Ne
                 f"the last filter in a chain must be terminal (tcp_proxy or "
                 f"http_connection_manager), not {chain.filters[i].name!r}",
             )
-    return NetworkFilterChain(name=chain.name, filters=tuple(built))
+    tls, timeout = _transport_socket(chain, ctx, path)
+    return NetworkFilterChain(name=chain.name, filters=tuple(built), transport_socket=tls,
+                              transport_socket_connect_timeout=timeout)
+
+
+def _transport_socket(chain: Any, ctx: FactoryContext, path: str) -> tuple[Any, float | None]:
+    """(TLS context or None, handshake bound) of a filter chain's transport_socket."""
+    from proxy.config.protos import duration_s
+    from proxy.extensions.transport_sockets import build_transport_socket
+    from proxy.registry import downstream_transport_sockets
+
+    tls = None
+    if chain.HasField("transport_socket"):
+        tls = build_transport_socket(chain.transport_socket, downstream_transport_sockets, ctx,
+                                     f"{path}.transport_socket")
+    timeout = duration_s(chain, "transport_socket_connect_timeout")
+    if timeout is not None and timeout < 0:
+        raise ConfigError(f"{path}.transport_socket_connect_timeout", "must not be negative")
+    if timeout is None:
+        timeout = DEFAULT_TRANSPORT_SOCKET_CONNECT_TIMEOUT_S
+    return tls, (timeout or None)

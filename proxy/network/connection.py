@@ -48,9 +48,12 @@ class Connection:
         "application_protocols",
         "buffer_limit",
         "stream_info",
+        "negotiated_protocol",
         "_prebuffer",
         "_closed",
     )
+    # True once start_tls() has run (the instance is then a TlsConnection).
+    tls = False
 
     def __init__(
         self,
@@ -79,6 +82,9 @@ class Connection:
             downstream_direct_remote_address=format_address(self.remote_address),
             connection_id=self.id,
         )
+        # The ALPN protocol the TLS handshake chose ("h2", "http/1.1"); None for plaintext
+        # or when the client offered none we accept.
+        self.negotiated_protocol: str | None = None
         self._prebuffer = b""
         self._closed = False
 
@@ -97,6 +103,33 @@ class Connection:
 
     async def send_eof(self) -> None:
         await self.stream.send_eof()
+
+    async def start_tls(self, context: Any, stats: Any = None) -> None:
+        """Run the server TLS handshake with ``context`` (a ``proxy.tls.context.TlsContext``).
+
+        On success the connection reads and writes through TLS from then on (same API;
+        ``tls`` is True, ``negotiated_protocol`` and ``stream_info.downstream_ssl`` are set,
+        the SNI fills ``requested_server_name`` unless a listener filter set it); on failure
+        it raises ``proxy.tls.ssl_socket.TlsHandshakeError`` (or trio's errors) and the
+        caller closes it. The caller bounds it with a deadline.
+        """
+        from proxy.tls.ssl_socket import TlsSocket, TlsStream, handshake
+
+        tls = TlsSocket(self.raw, context, server_side=True, initial=self._prebuffer)
+        self._prebuffer = b""
+        info = await handshake(tls, stats)
+        self.raw = tls  # type: ignore[assignment]  (socket-like: what fast_io reads and writes)
+        self.stream = TlsStream(self.stream, tls, info)  # type: ignore[assignment]
+        self.negotiated_protocol = info.alpn
+        if info.sni and not self.requested_server_name:
+            self.requested_server_name = info.sni
+        if info.sni and not self.stream_info.requested_server_name:
+            self.stream_info.requested_server_name = info.sni
+        self.stream_info.downstream_ssl = info
+        # Plaintext OpenSSL holds is invisible to readiness waits: from now on, reads must
+        # not wait first (TlsConnection.receive_some). Swapping the class keeps that check off
+        # the plaintext path.
+        self.__class__ = TlsConnection
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -120,3 +153,17 @@ class Connection:
         except OSError:
             pass
         self.socket.close()
+
+
+class TlsConnection(Connection):
+    """A ``Connection`` after ``start_tls``: ``raw`` is a ``proxy.tls.ssl_socket.TlsSocket``."""
+
+    __slots__ = ()
+    tls = True
+
+    async def receive_some(self, max_bytes: int = 65536, wait_first: bool = False) -> bytes:
+        # wait_first is ignored: a record already read may hold more than was asked for.
+        if self._prebuffer:
+            data, self._prebuffer = self._prebuffer, b""
+            return data
+        return await fast_io.receive_some(self.raw, max_bytes)

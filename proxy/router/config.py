@@ -55,7 +55,7 @@ from proxy.common.matchers import (
     wire_str,
 )
 from proxy.config.errors import ConfigError, not_supported
-from proxy.config.protos import wrapped
+from proxy.config.protos import duration_s, wrapped
 
 if TYPE_CHECKING:
     import random
@@ -411,7 +411,8 @@ class RouteAction:
 
     __slots__ = ("_cluster", "_cluster_header", "_hash_policies", "_matched_len",
                  "_prefix_rewrite", "_regex_rewrite", "_weighted", "auto_host_rewrite",
-                 "has_hash_policy", "host_rewrite_literal", "timeout")
+                 "has_hash_policy", "host_rewrite_literal", "timeout",
+                 "grpc_timeout_header_max", "grpc_timeout_header_offset")
 
     def __init__(self, msg: Any, matched_len: int | None, path: str) -> None:
         which = msg.WhichOneof("cluster_specifier")
@@ -437,6 +438,18 @@ class RouteAction:
             raise ConfigError(f"{path}.{which}", f"{which} is not supported")
 
         self.timeout: float | None = _route_timeout(msg, f"{path}.timeout")
+        # max_stream_duration.grpc_timeout_header_max: None = grpc-timeout is ignored; 0 =
+        # honoured without a cap. The offset is subtracted from it (Envoy's finalTimeout).
+        self.grpc_timeout_header_max: float | None = None
+        self.grpc_timeout_header_offset = 0.0
+        if msg.HasField("max_stream_duration"):
+            msd = msg.max_stream_duration
+            self.grpc_timeout_header_max = duration_s(msd, "grpc_timeout_header_max")
+            self.grpc_timeout_header_offset = duration_s(msd, "grpc_timeout_header_offset") or 0.0
+            for name in ("grpc_timeout_header_max", "grpc_timeout_header_offset"):
+                v = duration_s(msd, name)
+                if v is not None and v < 0:
+                    raise ConfigError(f"{path}.max_stream_duration.{name}", "must not be negative")
         self.host_rewrite_literal: str | None = (
             wire_str(msg.host_rewrite_literal) if msg.host_rewrite_literal else None)
         self.auto_host_rewrite: bool = bool(wrapped(msg, "auto_host_rewrite", False))

@@ -39,11 +39,13 @@ from proxy.http.codec.events import (
     Trailers,
 )
 from proxy.http.filter_manager import STOP_ITERATION, FilterStatus
+from proxy.http.grpc import grpc_timeout_s, is_grpc_request, to_grpc_timeout
 from proxy.network.fast_io import receive_some, send_all
 from proxy.stream_info import LOCAL_REPLIES, Outcome, ResponseFlag
 from proxy.upstream.conn_pool import UpstreamConnection, pool_for
 from proxy.upstream.connect import UpstreamConnectError
 from proxy.upstream.load_balancer import LoadBalancerContext
+from proxy.upstream.original_dst_cluster import downstream_context
 
 if TYPE_CHECKING:
     from proxy.http.headers import HeaderMap
@@ -97,7 +99,7 @@ class RouterFilter:
         "config", "cb", "uc", "pool", "cluster", "host", "timeout", "timer", "timed_out",
         "idle_timer", "stream_idle", "timeout_outcome",
         "request_done_at", "request_sent_all", "response_started", "response_done",
-        "body_sent", "sent_at", "_headers",
+        "body_sent", "sent_at", "_headers", "h2",
     )
 
     def __init__(self, config: RouterConfig, callbacks: Any) -> None:
@@ -120,6 +122,7 @@ class RouterFilter:
         self.body_sent = False
         self.sent_at = 0.0
         self._headers: HeaderMap | None = None
+        self.h2: Any = None  # an H2UpstreamRequest when the cluster speaks HTTP/2
 
     # -- request --------------------------------------------------------------------------
     async def decode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterStatus:
@@ -152,7 +155,11 @@ class RouterFilter:
         self.cluster = cluster
         info.upstream_cluster = cluster.name
         hash_key = action.hash_key(headers, cb.source_ip)
-        host = cluster.choose_host(_NO_HASH if hash_key is None else LoadBalancerContext(hash_key))
+        if cluster.original_dst:  # the connection's original destination, or the header's
+            lb_context = downstream_context(cb.hc.conn, headers, hash_key)
+        else:
+            lb_context = _NO_HASH if hash_key is None else LoadBalancerContext(hash_key)
+        host = cluster.choose_host(lb_context)
         if host is None:
             cluster.cluster_stats.upstream_cx_none_healthy.inc()
             await cb.send_outcome(Outcome.NO_HEALTHY_UPSTREAM)
@@ -167,6 +174,8 @@ class RouterFilter:
         if action.auto_host_rewrite and host.hostname:
             headers.set(":authority", host.hostname)
         self.timeout = action.timeout
+        if action.grpc_timeout_header_max is not None:
+            self._grpc_timeout(headers, action)
         if not self.config.suppress_envoy_headers:
             if headers.get(":path") != original_path and original_path is not None:
                 headers.set("x-envoy-original-path", original_path)
@@ -179,6 +188,11 @@ class RouterFilter:
         stats.upstream_rq_active.inc()
         host.rq_active += 1  # given back in on_destroy, however the stream ends
         host.rq_total += 1
+        if cluster.config.upstream_protocol == "http2":
+            from proxy.router.upstream_h2 import H2UpstreamRequest
+
+            self.h2 = H2UpstreamRequest(self)
+            return await self.h2.decode_headers(headers, end_stream)
         if not await self._send_headers(headers, end_stream, allow_retry=True):
             return STOP_ITERATION
         if end_stream:
@@ -188,7 +202,26 @@ class RouterFilter:
             cb.start_task(self._run_response)
         return STOP_ITERATION
 
+    def _grpc_timeout(self, headers: HeaderMap, action: Any) -> None:
+        """Envoy's FilterUtility::finalTimeout for a route with grpc_timeout_header_max: a
+        gRPC request's ``grpc-timeout`` (capped by the max unless 0, less the offset) is the
+        route timeout, and the header going upstream says what is left of it."""
+        if not is_grpc_request(headers):
+            return
+        grpc_timeout = grpc_timeout_s(headers) or 0.0  # absent: no timeout but the cap
+        cap = action.grpc_timeout_header_max
+        if cap and (grpc_timeout == 0 or grpc_timeout > cap):
+            grpc_timeout = cap
+        offset = action.grpc_timeout_header_offset
+        if offset and grpc_timeout > offset:
+            grpc_timeout -= offset
+        self.timeout = grpc_timeout or None  # grpc-timeout 0: no timeout, as Envoy
+        if self.timeout is not None:
+            headers.set("grpc-timeout", to_grpc_timeout(self.timeout))
+
     async def decode_data(self, data: bytes, end_stream: bool) -> FilterStatus:
+        if self.h2 is not None:
+            return await self.h2.decode_data(data, end_stream)  # type: ignore[no-any-return]
         uc = self.uc
         if uc is None or self.response_done:
             if end_stream:
@@ -205,6 +238,8 @@ class RouterFilter:
         return STOP_ITERATION
 
     async def decode_trailers(self, trailers: HeaderMap) -> FilterStatus:
+        if self.h2 is not None:
+            return await self.h2.decode_trailers(trailers)  # type: ignore[no-any-return]
         uc = self.uc
         if uc is not None and not self.response_done:
             try:
@@ -234,6 +269,8 @@ class RouterFilter:
         self.timed_out = True
         if self.uc is not None:
             trio.lowlevel.notify_closing(self.uc.sock)  # wakes the upstream read
+        elif self.h2 is not None:
+            self.h2.wake()
 
     def _on_stream_idle(self) -> None:
         self.idle_timer = None
@@ -262,6 +299,7 @@ class RouterFilter:
                 return False
             self.uc = uc
             info.upstream_local_address = uc.local_address
+            info.upstream_ssl = uc.ssl_info
             info.attempt_count += 1
             try:
                 out = uc.codec.send_request_headers(headers, end_stream)
@@ -482,3 +520,5 @@ class RouterFilter:
         self._finish_request_stats()
         if self.uc is not None:
             self._drop_upstream()
+        if self.h2 is not None:
+            self.h2.on_destroy()

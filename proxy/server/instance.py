@@ -45,6 +45,7 @@ from proxy.server.options import ExitCode, Options
 from proxy.server.stats_flush import MAIN_ROLE, MAIN_SLOT, flush_forever, open_slot
 from proxy.server.worker_control import ControlError, WorkerChannel
 from proxy.stats import Store
+from proxy.tls.context import days_until_first_cert_expiring as tls_cert_days
 
 log = logging.getLogger("trioxy.main")
 
@@ -209,6 +210,7 @@ class Instance:
     def _worker_argv(self, index: int) -> list[str]:
         argv = [
             sys.executable,
+            "-P",  # the working directory must not shadow the installed package
             "-m",
             "proxy.server.worker",
             "--index",
@@ -351,6 +353,7 @@ class Instance:
         state = self.server_state()
         s.gauge("server.state").set(SERVER_STATES[state])
         s.gauge("server.live").set(1 if state == "LIVE" else 0)
+        s.gauge("server.days_until_first_cert_expiring").set(tls_cert_days(self.snapshot))
 
     # -- what the admin API asks (proxy.admin.context.AdminContext) -------------------
     def server_state(self) -> str:

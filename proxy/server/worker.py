@@ -27,6 +27,7 @@ from typing import Any
 import trio
 
 from proxy.listener.active_tcp_listener import ActiveTcpListener
+from proxy.listener.active_tcp_socket import attach_connection_handler
 from proxy.server.drain_manager import DrainStrategy
 from proxy.server.lifeline import watch_parent
 from proxy.server.logging_setup import set_log_level
@@ -85,6 +86,8 @@ async def serve(
     for li, lc in enumerate(snapshot.listeners):  # type: ignore[attr-defined]
         sock = trio.socket.from_stdlib_socket(sockets[li])
         listeners.append(ActiveTcpListener(lc, sock, worker))
+    # use_original_dst hand-off targets: these and the bind_to_port: false listeners.
+    attach_connection_handler(listeners, getattr(snapshot, "unbound_listeners", ()), worker)
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
         async with trio.open_nursery() as root:

@@ -141,8 +141,9 @@ async def relay(
     limit = downstream.buffer_limit if downstream.buffer_limit > 0 else MAX_CHUNK
     chunk = max(1, min(chunk_size or MAX_CHUNK, limit))
     down_stream = downstream.stream
-    if engine != "stream" and not isinstance(down_stream, trio.SocketStream):
-        engine = "stream"  # e.g. a TLS stream: only its own API sees plaintext
+    if engine != "stream" and not (isinstance(down_stream, trio.SocketStream)
+                                   and isinstance(upstream, trio.SocketStream)):
+        engine = "stream"  # e.g. a TLS stream (either side): only its own API sees plaintext
     pump_fn = _PUMPS[engine]
     end: list[RelayEnd] = []
 

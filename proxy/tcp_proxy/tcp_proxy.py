@@ -265,6 +265,7 @@ class _Session:
         """Connect, retrying per max_connect_attempts; False (downstream to close) on failure."""
         # Imported on use so that compiling a config (--mode validate) loads no I/O code.
         from proxy.upstream.connect import UpstreamConnectError, connect_upstream
+        from proxy.upstream.original_dst_cluster import downstream_context
 
         cfg, info, worker = self.config, self.info, self.worker
         attempts = 0
@@ -281,7 +282,8 @@ class _Session:
                 info.set_response_flag(ResponseFlag.UPSTREAM_RETRY_LIMIT_EXCEEDED)
                 cstats.counter("upstream_cx_connect_attempts_exceeded").inc()
                 return self._init_failure(CONNECT_FAILED)
-            host = cluster.choose_host(None)
+            host = cluster.choose_host(
+                downstream_context(self.conn) if cluster.original_dst else None)
             if host is None:
                 cstats.counter("upstream_cx_none_healthy").inc()
                 info.set_response_flag(ResponseFlag.NO_HEALTHY_UPSTREAM)
@@ -291,20 +293,24 @@ class _Session:
             info.upstream_host = host.address_string
             cstats.counter("upstream_cx_total").inc()
             try:
-                upstream = await connect_upstream(host, cluster.config.connect_timeout)
+                upstream = await connect_upstream(
+                    host, cluster.config.connect_timeout, cluster=cluster)
             except UpstreamConnectError as exc:
                 reason = getattr(exc, "reason", "connection_failure")
                 cstats.counter("upstream_cx_connect_fail").inc()
                 if reason == "connection_timeout":
                     cstats.counter("upstream_cx_connect_timeout").inc()
                 info.set_response_flag(ResponseFlag.UPSTREAM_CONNECTION_FAILURE)
-                info.upstream_transport_failure_reason = reason
+                # A TLS failure keeps Envoy's detailed reason (TLS_error:|...).
+                info.upstream_transport_failure_reason = exc.details if exc.tls else reason
                 continue
             self.upstream, self.cluster, self.host = upstream, cluster, host
             cstats.gauge("upstream_cx_active").inc()
             host.cx_active += 1
             try:
-                local = upstream.socket.getsockname()
+                info.upstream_ssl = getattr(upstream, "info", None)  # TLS: SslConnectionInfo
+                local = (upstream.getsockname() if not isinstance(upstream, trio.SocketStream)
+                         else upstream.socket.getsockname())
                 info.upstream_local_address = format_address((str(local[0]), int(local[1])))
             except OSError:
                 pass

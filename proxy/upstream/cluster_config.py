@@ -8,8 +8,10 @@ Theory of operation
    balancing policy, endpoint addresses, ring and table sizes.
 2. Discovery types: ``STATIC`` (IP literals only, as Envoy: a name is a ``ConfigError``),
    ``STRICT_DNS`` (every endpoint name resolved, every address a host) and ``LOGICAL_DNS`` (one
-   endpoint; the first address of the answer is the one host). ``EDS``, ``ORIGINAL_DST`` and
-   custom ``cluster_type`` are refused. Resolving is the cluster manager's job (trio shell).
+   endpoint; the first address of the answer is the one host). ``ORIGINAL_DST`` (lb_policy
+   ``CLUSTER_PROVIDED`` only, no ``load_assignment``): each connection's original destination
+   is its host (``proxy.upstream.original_dst_cluster``). ``EDS`` and custom ``cluster_type``
+   are refused. Resolving is the cluster manager's job (trio shell).
 3. Endpoints come from ``load_assignment`` in config order, flattened to ``EndpointSpec``
    (address, port, hostname, weight, priority, locality weight). A cluster with no endpoint is
    valid: its requests get ``503 UH``. ``load_assignment.cluster_name`` may differ from the
@@ -35,6 +37,7 @@ from proxy.config.errors import ConfigError, not_supported
 from proxy.config.protos import duration_s, positive_duration_s, wrapped
 
 __all__ = [
+    "DEFAULT_CLEANUP_INTERVAL_S",
     "DEFAULT_CONNECT_TIMEOUT_S",
     "DEFAULT_DNS_REFRESH_RATE_S",
     "DEFAULT_HEALTHY_PANIC_THRESHOLD",
@@ -48,11 +51,14 @@ __all__ = [
     "LbPolicy",
     "LeastRequestConfig",
     "MaglevConfig",
+    "OriginalDstLbConfig",
     "RingHashConfig",
 ]
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0  # Envoy: connect_timeout defaults to 5 s
 DEFAULT_DNS_REFRESH_RATE_S = 5.0  # Envoy: dns_refresh_rate defaults to 5000 ms
+DEFAULT_CLEANUP_INTERVAL_S = 5.0  # Envoy: ORIGINAL_DST cleanup_interval defaults to 5000 ms
+ORIGINAL_DST_HOST_HEADER = "x-envoy-original-dst-host"  # Envoy's EnvoyOriginalDstHost
 DEFAULT_PER_CONNECTION_BUFFER_LIMIT_BYTES = 1024 * 1024  # Envoy: 1 MiB
 # Envoy's upstream idle_timeout default is 1 h, which only works against upstreams that keep an
 # idle connection that long. Common servers close idle keep-alive connections much sooner
@@ -81,6 +87,7 @@ class DiscoveryType(enum.StrEnum):
     STATIC = "STATIC"
     STRICT_DNS = "STRICT_DNS"
     LOGICAL_DNS = "LOGICAL_DNS"
+    ORIGINAL_DST = "ORIGINAL_DST"
 
 
 class LbPolicy(enum.StrEnum):
@@ -89,6 +96,7 @@ class LbPolicy(enum.StrEnum):
     RANDOM = "RANDOM"
     RING_HASH = "RING_HASH"
     MAGLEV = "MAGLEV"
+    CLUSTER_PROVIDED = "CLUSTER_PROVIDED"  # ORIGINAL_DST clusters only
 
 
 class DnsLookupFamily(enum.StrEnum):
@@ -101,11 +109,11 @@ class DnsLookupFamily(enum.StrEnum):
 
 # Proto enum numbers (envoy.config.cluster.v3.Cluster) -> our names.
 _DISCOVERY_TYPES = {0: DiscoveryType.STATIC, 1: DiscoveryType.STRICT_DNS,
-                    2: DiscoveryType.LOGICAL_DNS}
-_REFUSED_DISCOVERY_TYPES = {3: "EDS", 4: "ORIGINAL_DST"}
+                    2: DiscoveryType.LOGICAL_DNS, 4: DiscoveryType.ORIGINAL_DST}
+_REFUSED_DISCOVERY_TYPES = {3: "EDS"}
 _LB_POLICIES = {0: LbPolicy.ROUND_ROBIN, 1: LbPolicy.LEAST_REQUEST, 2: LbPolicy.RING_HASH,
-                3: LbPolicy.RANDOM, 5: LbPolicy.MAGLEV}
-_REFUSED_LB_POLICIES = {6: "CLUSTER_PROVIDED", 7: "LOAD_BALANCING_POLICY_CONFIG"}
+                3: LbPolicy.RANDOM, 5: LbPolicy.MAGLEV, 6: LbPolicy.CLUSTER_PROVIDED}
+_REFUSED_LB_POLICIES = {7: "LOAD_BALANCING_POLICY_CONFIG"}
 _DNS_LOOKUP_FAMILIES = {0: DnsLookupFamily.AUTO, 1: DnsLookupFamily.V4_ONLY,
                         2: DnsLookupFamily.V6_ONLY, 3: DnsLookupFamily.V4_PREFERRED,
                         4: DnsLookupFamily.ALL}
@@ -141,6 +149,14 @@ class LeastRequestConfig:
     choice_count: int = DEFAULT_CHOICE_COUNT
 
 
+@dataclass(frozen=True, slots=True)
+class OriginalDstLbConfig:
+    """``original_dst_lb_config`` of an ORIGINAL_DST cluster."""
+
+    http_header_name: str | None = None  # lower case; None unless use_http_header
+    upstream_port_override: int | None = None
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """A compiled cluster; immutable, shared by every worker of an epoch."""
@@ -161,10 +177,19 @@ class ClusterConfig:
     max_requests_per_connection: int | None = None  # None: unlimited
     # Percent of healthy hosts under which a priority level balances over all its hosts.
     healthy_panic_threshold: int = DEFAULT_HEALTHY_PANIC_THRESHOLD
+    # ORIGINAL_DST: hosts unused for a cleanup_interval are removed; the LB config.
+    cleanup_interval: float = DEFAULT_CLEANUP_INTERVAL_S  # seconds
+    original_dst: OriginalDstLbConfig | None = None  # set for ORIGINAL_DST clusters
+    # The upstream TLS context (proxy.tls.context.TlsContext) of transport_socket; None: plaintext.
+    transport_socket: Any = None
+    # Upstream HTTP protocol: "http1", "http2" (explicit, or the deprecated
+    # http2_protocol_options) or "auto" (ALPN over TLS); see _upstream_protocol.
+    upstream_protocol: str = "http1"
+    http2_options: Any = None  # proxy.http.codec.h2.Http2Options for "http2" and "auto"
 
     @property
     def is_dns(self) -> bool:
-        return self.type is not DiscoveryType.STATIC
+        return self.type is DiscoveryType.STRICT_DNS or self.type is DiscoveryType.LOGICAL_DNS
 
     @staticmethod
     def from_proto(cluster: Any, ctx: FactoryContext, path: str) -> ClusterConfig:
@@ -176,6 +201,7 @@ class ClusterConfig:
             cluster, "connect_timeout", path, DEFAULT_CONNECT_TIMEOUT_S)
         assert connect_timeout is not None
         lb_policy = _lb_policy(cluster, path)
+        cleanup_interval, original_dst = _original_dst(cluster, ctype, lb_policy, path)
         ring_hash = _ring_hash(cluster, lb_policy, path)
         maglev = _maglev(cluster, path)
         least_request = _least_request(cluster, path)
@@ -208,6 +234,10 @@ class ClusterConfig:
             idle_timeout=idle_timeout,
             max_requests_per_connection=max_requests,
             healthy_panic_threshold=threshold,
+            cleanup_interval=cleanup_interval,
+            original_dst=original_dst,
+            transport_socket=_transport_socket(cluster, ctx, path),
+            **_upstream_protocol(cluster, path),
         )
 
 
@@ -220,7 +250,8 @@ def _discovery_type(cluster: Any, path: str) -> DiscoveryType:
         name = _REFUSED_DISCOVERY_TYPES.get(cluster.type, str(cluster.type))
         raise ConfigError(
             f"{path}.type",
-            f"type {name} is not supported (supported: STATIC, STRICT_DNS, LOGICAL_DNS)")
+            f"type {name} is not supported"
+            f" (supported: STATIC, STRICT_DNS, LOGICAL_DNS, ORIGINAL_DST)")
     return ctype
 
 
@@ -233,6 +264,47 @@ def _lb_policy(cluster: Any, path: str) -> LbPolicy:
             f"lb_policy {name} is not supported"
             f" (supported: {', '.join(p.value for p in LbPolicy)})")
     return policy
+
+
+def _original_dst(cluster: Any, ctype: DiscoveryType, policy: LbPolicy,
+                  path: str) -> tuple[float, OriginalDstLbConfig | None]:
+    """Envoy's ``OriginalDstClusterFactory::createClusterImpl`` checks, and its config."""
+    if ctype is not DiscoveryType.ORIGINAL_DST:
+        if policy is LbPolicy.CLUSTER_PROVIDED:
+            raise ConfigError(f"{path}.lb_policy",
+                              f"cluster: LB policy CLUSTER_PROVIDED is not valid for Cluster type"
+                              f" {ctype.value}. 'CLUSTER_PROVIDED' is allowed only with cluster"
+                              " type 'ORIGINAL_DST'")
+        for fname in ("cleanup_interval", "original_dst_lb_config"):
+            if cluster.HasField(fname):
+                raise ConfigError(f"{path}.{fname}",
+                                  f"{fname} is only used by ORIGINAL_DST clusters")
+        return DEFAULT_CLEANUP_INTERVAL_S, None
+    if policy is not LbPolicy.CLUSTER_PROVIDED:
+        raise ConfigError(f"{path}.lb_policy",
+                          f"cluster: LB policy {policy.value} is not valid for Cluster type"
+                          " ORIGINAL_DST. Only 'CLUSTER_PROVIDED' is allowed with cluster type"
+                          " 'ORIGINAL_DST'")
+    if cluster.HasField("load_assignment"):
+        raise ConfigError(f"{path}.load_assignment",
+                          "ORIGINAL_DST clusters must have no load assignment configured")
+    cleanup = positive_duration_s(cluster, "cleanup_interval", path, DEFAULT_CLEANUP_INTERVAL_S)
+    assert cleanup is not None
+    lb = cluster.original_dst_lb_config
+    lpath = f"{path}.original_dst_lb_config"
+    if not lb.use_http_header and lb.http_header_name:
+        raise ConfigError(f"{lpath}.http_header_name",
+                          f"ORIGINAL_DST cluster: invalid config http_header_name="
+                          f"{lb.http_header_name} and use_http_header is false. Set "
+                          "use_http_header to true if http_header_name is desired.")
+    header = None
+    if lb.use_http_header:
+        header = (lb.http_header_name or ORIGINAL_DST_HOST_HEADER).lower()
+    port = wrapped(lb, "upstream_port_override", None)
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"{lpath}.upstream_port_override",
+                          "value must be less than or equal to 65535")
+    return cleanup, OriginalDstLbConfig(http_header_name=header, upstream_port_override=port)
 
 
 def _ring_hash(cluster: Any, policy: LbPolicy, path: str) -> RingHashConfig:
@@ -377,12 +449,9 @@ def _http_options(cluster: Any, path: str) -> tuple[float | None, int | None]:
         if which is None:
             raise ConfigError(tpath, "one of explicit_http_config, use_downstream_protocol_config,"
                                      " auto_config must be set")
-        if which != "explicit_http_config":
+        if which == "use_downstream_protocol_config":
             raise not_supported(f"{tpath}.{which}", which)
-        proto = msg.explicit_http_config.WhichOneof("protocol_config")
-        if proto != "http_protocol_options":
-            raise ConfigError(f"{tpath}.explicit_http_config",
-                              "only http_protocol_options (HTTP/1.1) is supported upstream")
+        # explicit_http_config (HTTP/1.1 or HTTP/2) and auto_config: _upstream_protocol().
         if cluster.HasField("common_http_protocol_options"):
             raise ConfigError(
                 f"{path}.common_http_protocol_options",
@@ -405,9 +474,59 @@ def _http_options(cluster: Any, path: str) -> tuple[float | None, int | None]:
     return idle_timeout, max_requests
 
 
+def _transport_socket(cluster: Any, ctx: FactoryContext, path: str) -> Any:
+    """The cluster's ``transport_socket`` compiled (a TLS context), or None for plaintext."""
+    if not cluster.HasField("transport_socket"):
+        return None
+    from proxy.extensions.transport_sockets import build_transport_socket
+    from proxy.registry import upstream_transport_sockets
+
+    return build_transport_socket(cluster.transport_socket, upstream_transport_sockets, ctx,
+                                  f"{path}.transport_socket")
+
+
 def _is_prime(n: int) -> bool:
     if n < 2:
         return False
     if n % 2 == 0:
         return n == 2
     return all(n % d for d in range(3, math.isqrt(n) + 1, 2))
+
+
+def _upstream_protocol(cluster: Any, path: str) -> dict[str, Any]:
+    """The upstream HTTP protocol: ``explicit_http_config`` (HTTP/1.1 or HTTP/2), the
+    deprecated ``Cluster.http2_protocol_options``, or ``auto_config`` (ALPN: TLS only)."""
+    from proxy.http.codec.h2 import Http2Options
+
+    typed = cluster.typed_extension_protocol_options
+    if cluster.HasField("http2_protocol_options"):
+        if HTTP_PROTOCOL_OPTIONS_KEY in typed:
+            raise ConfigError(
+                f"{path}.http2_protocol_options",
+                "cannot be set together with typed_extension_protocol_options"
+                f' ["{HTTP_PROTOCOL_OPTIONS_KEY}"]')
+        return {"upstream_protocol": "http2", "http2_options": Http2Options.from_proto(
+            cluster.http2_protocol_options, f"{path}.http2_protocol_options")}
+    if HTTP_PROTOCOL_OPTIONS_KEY not in typed:
+        return {}
+    tpath = f'{path}.typed_extension_protocol_options["{HTTP_PROTOCOL_OPTIONS_KEY}"]'
+    msg = http_protocol_options_pb2.HttpProtocolOptions()
+    typed[HTTP_PROTOCOL_OPTIONS_KEY].Unpack(msg)
+    which = msg.WhichOneof("upstream_protocol_options")
+    if which == "explicit_http_config":
+        if msg.explicit_http_config.WhichOneof("protocol_config") == "http2_protocol_options":
+            opts = msg.explicit_http_config.http2_protocol_options
+            return {"upstream_protocol": "http2", "http2_options": Http2Options.from_proto(
+                opts, f"{tpath}.explicit_http_config.http2_protocol_options")}
+        return {}
+    if which == "auto_config":
+        apath = f"{tpath}.auto_config"
+        if not cluster.HasField("transport_socket"):
+            # Envoy's auto_config picks the protocol by ALPN; without TLS there is nothing
+            # to negotiate with, and guessing would be silently wrong.
+            raise ConfigError(apath, "auto_config needs a TLS transport_socket (ALPN chooses h2"
+                                     " or http/1.1); for a plaintext upstream use"
+                                     " explicit_http_config")
+        # TODO(h2): ALPN-chosen protocol per connection (Envoy's mixed pool).
+        raise not_supported(apath, "auto_config (ALPN protocol selection)")
+    return {}

@@ -24,6 +24,9 @@ Theory of operation
    they are; an empty answer is a failure (Envoy keeps the last address).
 5. The balancer is rebuilt on every membership change; after changing ``host.healthy``, call
    ``ThreadLocalCluster.refresh_health()``.
+6. ORIGINAL_DST clusters start empty; their balancer makes a host per original destination
+   on demand, and ``run`` drops stale ones every ``cleanup_interval``
+   (``proxy.upstream.original_dst_cluster``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from proxy.upstream.cluster_config import (
 )
 from proxy.upstream.host import Host
 from proxy.upstream.load_balancer import LoadBalancerContext, create_load_balancer
+from proxy.upstream.original_dst_cluster import OriginalDstLoadBalancer
 
 __all__ = [
     "CLUSTER_COUNTERS",
@@ -158,7 +162,14 @@ class ThreadLocalCluster:
         if config.type is DiscoveryType.STATIC:
             hosts = [_host_for(e, e.address) for e in config.endpoints]
         self.hosts: list[Host] = hosts
-        self._lb = create_load_balancer(config, hosts, rng)
+        # ORIGINAL_DST: hosts made per connection from its original destination.
+        self.original_dst = config.type is DiscoveryType.ORIGINAL_DST
+        self._lb: Any
+        if self.original_dst:
+            self._lb = OriginalDstLoadBalancer(
+                config, self.update_hosts, self.stats.counter("original_dst_host_invalid"))
+        else:
+            self._lb = create_load_balancer(config, hosts, rng)
         self._lb.panic_counter = self.cluster_stats.lb_healthy_panic
         self._set_membership_gauges()
 
@@ -269,7 +280,28 @@ class ClusterManager:
         return iter(self.clusters.values())
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Resolve the DNS clusters; ``started()`` once each name has had a first answer."""
+        """Resolve the DNS clusters; ``started()`` once each name has had a first answer.
+
+        ORIGINAL_DST clusters drop their stale hosts every ``cleanup_interval`` meanwhile.
+        """
+        cleanups = [c for c in self.clusters.values() if c.original_dst]
+        if not cleanups:
+            await self._resolve_dns(task_status=task_status)
+            return
+        async with trio.open_nursery() as nursery:
+            for cluster in cleanups:
+                nursery.start_soon(self._cleanup_loop, cluster)
+            await nursery.start(self._resolve_dns)
+            task_status.started()
+
+    @staticmethod
+    async def _cleanup_loop(cluster: ThreadLocalCluster) -> None:
+        lb: OriginalDstLoadBalancer = cluster._lb
+        while True:
+            await trio.sleep(cluster.config.cleanup_interval)
+            lb.cleanup()
+
+    async def _resolve_dns(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         targets = [t for ts in self._targets.values() for t in ts]
         if not targets:
             task_status.started()

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from proxy.http.codec.h1_fast import Http1ClientCodec
-from proxy.upstream.connect import connect_upstream
+from proxy.upstream.connect import connect_upstream, io_socket
 
 if TYPE_CHECKING:
     from proxy.upstream.cluster_manager import ThreadLocalCluster
@@ -42,13 +42,16 @@ _TRUST_IDLE_S = 0.5
 class UpstreamConnection:
     __slots__ = (
         "stream", "sock", "codec", "host", "requests", "idle_since", "reused", "pool",
-        "_local_address",
+        "_local_address", "ssl_info",
     )
 
     def __init__(self, stream: trio.SocketStream, host: Host, pool: Http1ConnPool) -> None:
         self.stream = stream
-        # The stdlib socket under trio's: a non-blocking MSG_PEEK needs no trio machinery.
-        self.sock: socket.socket = stream.socket._sock  # type: ignore[attr-defined]
+        # The stdlib socket under trio's (a non-blocking MSG_PEEK needs no trio machinery), or
+        # for a TLS cluster the TlsSocket, which answers the same calls (proxy.tls.ssl_socket).
+        self.sock: socket.socket = io_socket(stream)
+        # TLS: what the handshake negotiated (proxy.tls.connection_info); None for plaintext.
+        self.ssl_info = getattr(stream, "info", None)
         self.codec = Http1ClientCodec()
         self.host = host
         self.pool = pool
@@ -119,7 +122,7 @@ class Http1ConnPool:
         stats.upstream_cx_total.inc()
         self.host.cx_total += 1
         try:
-            stream = await connect_upstream(self.host, self.connect_timeout)
+            stream = await connect_upstream(self.host, self.connect_timeout, cluster=self.cluster)
         except BaseException as exc:
             reason = getattr(exc, "reason", None)
             if reason == "connection_timeout":

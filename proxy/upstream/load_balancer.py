@@ -80,6 +80,10 @@ class LoadBalancerContext:
     """What a request tells the balancer: its hash (from the route's hash policy), if any."""
 
     hash_key: int | None = None
+    # For ORIGINAL_DST clusters (proxy.upstream.original_dst_cluster): the downstream
+    # connection's local address when a listener filter restored it, and the request headers.
+    restored_local_address: tuple[str, int] | None = None
+    downstream_headers: Any = None
 
 
 # ----------------------------------------------------------------------------- priorities

@@ -112,3 +112,55 @@ def test_agent_forwards_usr1_without_dying(tmp_path: Path) -> None:
     finally:
         a.send_signal(signal.SIGTERM)
         a.wait(15)
+
+
+def test_epoch_command_switches_binary_and_flags_on_sighup(tmp_path: Path) -> None:
+    """--epoch-command PATH is resolved at every spawn: repointing it, then SIGHUP, is a
+    binary upgrade by hot restart (here: the same trioxy with another --concurrency)."""
+    port = free_port()
+    cfg = tmp_path / "envoy.yaml"
+    cfg.write_text(DIRECT.format(port=port))
+    wrapper = tmp_path / "trioxy-current"
+
+    def point(concurrency: int) -> None:
+        tmp = tmp_path / "wrapper.tmp"
+        tmp.write_text(f'#!/bin/sh\nexec {sys.executable} -P -m proxy.cli "$@" '
+                       f"--concurrency {concurrency}\n")
+        tmp.chmod(0o755)
+        os.replace(tmp, wrapper)
+
+    point(1)
+    log = tmp_path / "agent.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor.agent", "-c", str(cfg), "--concurrency", "2",
+         "--drain-time-s", "1", "--parent-shutdown-time-s", "2", "--epoch-command", str(wrapper),
+         "--base-id", str(os.getpid() % 50000 + 9000)],
+        cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+    )
+    try:
+        wait_for_port(port, proc=proc)
+
+        def workers_when_alone(deadline_s: float = 20) -> int:
+            deadline = time.monotonic() + deadline_s
+            while True:
+                mains = epoch_mains(proc.pid)
+                if len(mains) == 1 and "serves" in log.read_text():
+                    n = len(mains[0].children())
+                    if n:
+                        return n
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+
+        assert workers_when_alone() == 1  # the wrapper's flag wins over the agent's
+        point(3)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "epoch 1 serves" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        time.sleep(2.5)  # epoch 0 drains and leaves
+        assert workers_when_alone() == 3
+        assert http_get(port)[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)

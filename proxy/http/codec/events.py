@@ -1,8 +1,10 @@
 """The codec-neutral stream event vocabulary (hypercorn's ``protocol/events.py``, Envoy's codec API).
 
-Every HTTP codec (HTTP/1.1 over h11 today; httptools and h2 later) turns bytes into these
+Every HTTP codec (HTTP/1.1 over h11 or httptools, HTTP/2 over h2) turns bytes into these
 events and events into bytes, so the connection manager, filters and router never see a
-wire format. HTTP/1.1 has one stream at a time and uses stream id 1, as hypercorn does.
+wire format. HTTP/1.1 has one stream at a time and uses stream id 1, as hypercorn does;
+HTTP/2 interleaves the events of many streams, each carrying its stream id, and adds
+``StreamReset`` (RST_STREAM) and ``GoAway``.
 
 Theory of operation:
 1. A message is ``*Headers`` (``end_stream=True`` when no body follows), then zero or more
@@ -75,6 +77,26 @@ class ConnectionClosed:
     """The peer closed its sending side."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamReset:
+    """HTTP/2: the stream ended abnormally (RST_STREAM); ``remote`` when the peer sent it.
+
+    ``error_code`` is the HTTP/2 error code (``REFUSED_STREAM`` = 7 means the peer did not
+    process the request: it may be retried)."""
+
+    stream_id: int
+    error_code: int
+    remote: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GoAway:
+    """HTTP/2: the peer will open or process no stream above ``last_stream_id``."""
+
+    last_stream_id: int
+    error_code: int
+
+
 Event = (
     RequestHeaders
     | ResponseHeaders
@@ -83,6 +105,8 @@ Event = (
     | EndOfStream
     | Trailers
     | ConnectionClosed
+    | StreamReset
+    | GoAway
 )
 
 

@@ -483,7 +483,7 @@ def test_json_errors() -> None:
     ("%START_TIME:3%", "START_TIME does not allow length to be specified."),
     ("%NO_SUCH_THING%", "Not supported field in StreamInfo: NO_SUCH_THING"),
     ("%DYNAMIC_METADATA(a:b)%", "access log operator %DYNAMIC_METADATA% is not supported"),
-    ("%DOWNSTREAM_TLS_VERSION%", "access log operator %DOWNSTREAM_TLS_VERSION% is not supported"),
+    ("%DOWNSTREAM_PEER_CERT%", "access log operator %DOWNSTREAM_PEER_CERT% is not supported"),
     ("%REQ(a?b?c)%", "More than 1 alternative header specified in token: a?b?c"),
     ("%START_TIME(%n)%", "Invalid header configuration. Format string contains newline."),
     ("%START_TIME(%-5n)%", "Invalid header configuration. Format string contains newline."),

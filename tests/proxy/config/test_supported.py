@@ -140,9 +140,8 @@ def test_a_broad_supported_config_is_accepted() -> None:
 
 # ----------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize(("mutate", "path", "field"), [
-    (lambda c: c["static_resources"]["listeners"][0].update(
-        listener_filters=[{"name": "envoy.filters.listener.tls_inspector"}]),
-     f"{L0}.listener_filters", "listener_filters"),
+    (lambda c: c["static_resources"]["listeners"][0].update(freebind=True),
+     f"{L0}.freebind", "freebind"),
     (lambda c: c["static_resources"]["listeners"][0].update(enable_reuse_port=False),
      f"{L0}.enable_reuse_port", "enable_reuse_port"),
     (lambda c: route(c)["route"].update(retry_policy={"num_retries": 3}),
@@ -186,14 +185,14 @@ def test_unsupported_field_is_refused_naming_its_path(mutate, path: str, field: 
     assert f"{field} is not supported" in err.message
 
 
-def test_upstream_http2_options_are_refused() -> None:
+def test_upstream_http2_options_not_implemented_are_refused() -> None:
     cfg = config()
     cluster(cfg)["typed_extension_protocol_options"] = {UPSTREAM_HTTP: {
         "@type": f"type.googleapis.com/{UPSTREAM_HTTP}",
-        "explicit_http_config": {"http2_protocol_options": {}}}}
+        "explicit_http_config": {"http2_protocol_options": {"allow_connect": True}}}}
     err = refused(cfg)
     assert err.path == (f'{C0}.typed_extension_protocol_options["{UPSTREAM_HTTP}"]'
-                        ".explicit_http_config.http2_protocol_options")
+                        ".explicit_http_config.http2_protocol_options.allow_connect")
 
 
 def test_unknown_protocol_options_key_is_refused() -> None:
@@ -233,7 +232,7 @@ def test_check_on_a_bare_message() -> None:
     from envoy.config.listener.v3.listener_pb2 import Listener
 
     msg = Listener(name="x")
-    msg.listener_filters.add(name="y")
+    msg.listener_filters.add(name="y").filter_disabled.any_match = True
     with pytest.raises(ConfigError) as info:
         check(msg, "l")
-    assert info.value.path == "l.listener_filters"
+    assert info.value.path == "l.listener_filters[0].filter_disabled"

@@ -84,6 +84,7 @@ class _StandInCluster:
         self.stats = store.scope(f"cluster.{name}.")
         self.pools: dict[Any, Any] = {}
         self.hosts = [_StandInHost(a, p) for a, p in endpoints]
+        self.original_dst = False
         self._next = 0
 
     def choose_host(self, ctx: Any) -> _StandInHost | None:

@@ -208,7 +208,7 @@ def test_endpoints_flatten_in_config_order(localities: list[Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- types, policies
-@pytest.mark.parametrize("ctype", ["EDS", "ORIGINAL_DST"])
+@pytest.mark.parametrize("ctype", ["EDS"])
 def test_refused_discovery_types(ctype: str) -> None:
     err = refused(cluster(type=ctype))
     assert err.path == f"{PATH}.type"
@@ -220,14 +220,14 @@ def test_custom_cluster_type_refused() -> None:
     assert err.path.startswith(f"{PATH}.cluster_type")
 
 
-@pytest.mark.parametrize("policy", ["CLUSTER_PROVIDED", "LOAD_BALANCING_POLICY_CONFIG"])
+@pytest.mark.parametrize("policy", ["LOAD_BALANCING_POLICY_CONFIG"])
 def test_refused_lb_policies(policy: str) -> None:
     err = refused(cluster(lb_policy=policy))
     assert err.path == f"{PATH}.lb_policy"
     assert policy in err.message
 
 
-@pytest.mark.parametrize("policy", list(LbPolicy))
+@pytest.mark.parametrize("policy", [p for p in LbPolicy if p is not LbPolicy.CLUSTER_PROVIDED])
 def test_accepted_lb_policies(policy: LbPolicy) -> None:
     assert compile_cluster(cluster(lb_policy=policy.value)).lb_policy is policy
 
@@ -323,8 +323,8 @@ def test_both_http_option_spellings_refused() -> None:
 @pytest.mark.parametrize(
     "options",
     [
-        {"@type": HPO_TYPE, "explicit_http_config": {"http2_protocol_options": {}}},
-        {"@type": HPO_TYPE, "auto_config": {}},
+        {"@type": HPO_TYPE, "explicit_http_config": {"http3_protocol_options": {}}},
+        {"@type": HPO_TYPE, "auto_config": {}},  # plaintext: nothing to negotiate with
         {"@type": HPO_TYPE, "use_downstream_protocol_config": {}},
         {"@type": HPO_TYPE, "explicit_http_config": {"http_protocol_options": {}},
          "common_http_protocol_options": {"max_headers_count": 10}},
@@ -334,6 +334,24 @@ def test_unsupported_http_options_refused(options: dict[str, Any]) -> None:
     err = refused(cluster(typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS_KEY: options}))
     assert err.path.startswith(
         f'{PATH}.typed_extension_protocol_options["{HTTP_PROTOCOL_OPTIONS_KEY}"]')
+
+
+def test_upstream_http2_spellings() -> None:
+    explicit = compile_cluster(
+        cluster(typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS_KEY: {
+            "@type": HPO_TYPE, "explicit_http_config": {"http2_protocol_options": {
+                "max_concurrent_streams": 5}}}}))
+    assert explicit.upstream_protocol == "http2"
+    assert explicit.http2_options.max_concurrent_streams == 5
+    deprecated = compile_cluster(
+        cluster(http2_protocol_options={"initial_stream_window_size": 131072}))
+    assert deprecated.upstream_protocol == "http2"
+    assert deprecated.http2_options.initial_stream_window_size == 131072
+    assert compile_cluster(cluster()).upstream_protocol == "http1"
+    err = refused(cluster(http2_protocol_options={"max_concurrent_streams": 0}))
+    assert err.path == f"{PATH}.http2_protocol_options.max_concurrent_streams"
+    err = refused(cluster(http2_protocol_options={}, typed_extension_protocol_options=typed_http()))
+    assert err.path == f"{PATH}.http2_protocol_options"
 
 
 # ----------------------------------------------------------------------------- through a bootstrap
