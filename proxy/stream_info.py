@@ -117,6 +117,8 @@ class Outcome(enum.Enum):
     UPSTREAM_RESET_BEFORE_RESPONSE = "upstream_reset_before_response"
     UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
     UPSTREAM_REQUEST_TIMEOUT = "upstream_request_timeout"
+    UPSTREAM_PER_TRY_TIMEOUT = "upstream_per_try_timeout"  # retry_policy.per_try_timeout
+    RETRY_BUFFER_OVERFLOW = "retry_buffer_overflow"  # body over the retry buffer, no attempt
     UPSTREAM_OVERFLOW = "upstream_overflow"
     UPSTREAM_LOCAL_RESET = "upstream_local_reset"
     UPSTREAM_REMOTE_RESET = "upstream_remote_reset"  # HTTP/2 RST_STREAM from the upstream
@@ -172,6 +174,14 @@ LOCAL_REPLIES: dict[Outcome, LocalReply] = {
     ),
     Outcome.UPSTREAM_REQUEST_TIMEOUT: LocalReply(
         504, ResponseFlag.UPSTREAM_REQUEST_TIMEOUT, "upstream_response_timeout", "upstream request timeout"
+    ),
+    Outcome.UPSTREAM_PER_TRY_TIMEOUT: LocalReply(
+        504, ResponseFlag.UPSTREAM_REQUEST_TIMEOUT, "upstream_per_try_timeout",
+        "upstream request timeout"
+    ),
+    Outcome.RETRY_BUFFER_OVERFLOW: LocalReply(
+        507, ResponseFlag(0), "request_payload_exceeded_retry_buffer_limit",
+        "exceeded request buffer limit while retrying upstream"
     ),
     Outcome.UPSTREAM_OVERFLOW: LocalReply(
         503, ResponseFlag.UPSTREAM_OVERFLOW, "upstream_reset_before_response_started{overflow}",

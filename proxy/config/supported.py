@@ -12,7 +12,8 @@ Theory of operation:
    refused outright, even when empty.
 2. ``SUBSETS`` narrows a message type where one use of it supports less than another:
    ``(parent type, field name) -> field names``, e.g. the upstream HTTP protocol options allow
-   only ``idle_timeout`` and ``max_requests_per_connection`` of ``HttpProtocolOptions``.
+   only ``idle_timeout``, ``max_requests_per_connection`` and
+   ``max_connection_duration`` of ``HttpProtocolOptions``.
 3. ``MAP_KEYS`` restricts the keys of a map field.
 4. ``WELL_KNOWN`` types (Duration, wrappers, Struct...) are leaves accepted whole.
 
@@ -146,9 +147,14 @@ SUPPORTED: Mapping[str, frozenset[str]] = {
     # ---- routes ------------------------------------------------------------------------
     "envoy.config.route.v3.RouteConfiguration": _f(
         "name", "virtual_hosts", "validate_clusters", *_HEADERS_ADD_REMOVE),
-    "envoy.config.route.v3.VirtualHost": _f("name", "domains", "routes", *_HEADERS_ADD_REMOVE),
+    "envoy.config.route.v3.VirtualHost": _f(
+        "name", "domains", "routes", *_HEADERS_ADD_REMOVE,
+        # resilience (issue #6): proxy/router/retry_state.py
+        "retry_policy", "include_request_attempt_count", "include_attempt_count_in_response",
+        "per_request_buffer_limit_bytes"),
     "envoy.config.route.v3.Route": _f(
-        "name", "match", "route", "redirect", "direct_response", *_HEADERS_ADD_REMOVE),
+        "name", "match", "route", "redirect", "direct_response", *_HEADERS_ADD_REMOVE,
+        "per_request_buffer_limit_bytes"),
     "envoy.config.route.v3.RouteMatch": _f(
         "prefix", "path", "safe_regex", "path_separated_prefix", "case_sensitive", "headers",
         "query_parameters",
@@ -163,7 +169,17 @@ SUPPORTED: Mapping[str, frozenset[str]] = {
         "cluster", "weighted_clusters", "cluster_header", "prefix_rewrite", "regex_rewrite",
         "host_rewrite_literal", "auto_host_rewrite", "timeout", "hash_policy",
         "max_stream_duration",  # grpc-timeout only (router/config.py)
+        "retry_policy", "priority",  # resilience (issue #6)
     ),
+    # Refused: per_try_idle_timeout, retry_priority, retry_options_predicates,
+    # rate_limited_retry_back_off; host predicates other than previous_hosts (retry_state.py).
+    "envoy.config.route.v3.RetryPolicy": _f(
+        "retry_on", "num_retries", "per_try_timeout", "retry_host_predicate",
+        "host_selection_retry_max_attempts", "retriable_status_codes", "retry_back_off",
+        "retriable_headers", "retriable_request_headers"),
+    "envoy.config.route.v3.RetryPolicy.RetryBackOff": _f("base_interval", "max_interval"),
+    "envoy.config.route.v3.RetryPolicy.RetryHostPredicate": _f("name", "typed_config"),
+    "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate": _f(),
     # max_stream_duration itself (a stream duration bound) is not implemented.
     "envoy.config.route.v3.RouteAction.MaxStreamDuration": _f(
         "grpc_timeout_header_max", "grpc_timeout_header_offset"),
@@ -200,7 +216,31 @@ SUPPORTED: Mapping[str, frozenset[str]] = {
         "cleanup_interval", "original_dst_lb_config",  # ORIGINAL_DST only
         "transport_socket",  # proxy/tls/ (transport_socket_matches is refused)
         "http2_protocol_options",  # deprecated, still common: an HTTP/2 upstream
+        # resilience (issue #6): proxy/upstream/resource_manager.py, outlier_detection.py
+        "circuit_breakers", "outlier_detection", "common_lb_config",
+        "health_checks",  # proxy/upstream/health_checker.py (STATIC clusters, one checker)
     ),
+    # Per-host thresholds and max_connection_pools are refused (resource_manager.py).
+    "envoy.config.cluster.v3.CircuitBreakers": _f("thresholds", "per_host_thresholds"),
+    "envoy.config.cluster.v3.CircuitBreakers.Thresholds": _f(
+        "priority", "max_connections", "max_pending_requests", "max_requests", "max_retries",
+        "retry_budget", "track_remaining", "max_connection_pools"),
+    "envoy.config.cluster.v3.CircuitBreakers.Thresholds.RetryBudget": _f(
+        "budget_percent", "min_retry_concurrency"),
+    # monitors (extensions) are refused by OutlierDetectionConfig.from_proto.
+    "envoy.config.cluster.v3.OutlierDetection": _f(
+        "consecutive_5xx", "interval", "base_ejection_time", "max_ejection_percent",
+        "enforcing_consecutive_5xx", "enforcing_success_rate", "success_rate_minimum_hosts",
+        "success_rate_request_volume", "success_rate_stdev_factor",
+        "consecutive_gateway_failure", "enforcing_consecutive_gateway_failure",
+        "split_external_local_origin_errors", "consecutive_local_origin_failure",
+        "enforcing_consecutive_local_origin_failure", "enforcing_local_origin_success_rate",
+        "failure_percentage_threshold", "enforcing_failure_percentage",
+        "enforcing_failure_percentage_local_origin", "failure_percentage_minimum_hosts",
+        "failure_percentage_request_volume", "max_ejection_time", "max_ejection_time_jitter",
+        "successful_active_health_check_uneject_host", "always_eject_one_host"),
+    # Only the panic threshold: zone-aware and locality-weighted balancing are not implemented.
+    "envoy.config.cluster.v3.Cluster.CommonLbConfig": _f("healthy_panic_threshold"),
     # metadata_key is refused: no dynamic metadata.
     "envoy.config.cluster.v3.Cluster.OriginalDstLbConfig": _f(
         "use_http_header", "http_header_name", "upstream_port_override"),
@@ -215,6 +255,27 @@ SUPPORTED: Mapping[str, frozenset[str]] = {
     # ALPN (TLS clusters only, cluster_config._upstream_protocol): HTTP/3 is refused.
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.AutoHttpConfig": _f(
         "http_protocol_options", "http2_protocol_options"),
+
+    # ---- active health checking (proxy/upstream/health_checker.py) ----------------------
+    # Refused: custom_health_check, alt_port, event logs (event_log_path, event_logger,
+    # event_service, always_log_health_check_failures / _success), transport_socket_match_
+    # criteria, TCP proxy_protocol_config.
+    "envoy.config.core.v3.HealthCheck": _f(
+        "timeout", "interval", "initial_jitter", "interval_jitter", "interval_jitter_percent",
+        "unhealthy_threshold", "healthy_threshold", "reuse_connection", "http_health_check",
+        "tcp_health_check", "grpc_health_check", "no_traffic_interval",
+        "no_traffic_healthy_interval", "unhealthy_interval", "unhealthy_edge_interval",
+        "healthy_edge_interval", "tls_options"),
+    "envoy.config.core.v3.HealthCheck.HttpHealthCheck": _f(
+        "host", "path", "send", "receive", "response_buffer_size", "request_headers_to_add",
+        "request_headers_to_remove", "expected_statuses", "retriable_statuses",
+        "codec_client_type", "service_name_matcher", "method"),
+    "envoy.config.core.v3.HealthCheck.TcpHealthCheck": _f("send", "receive"),
+    "envoy.config.core.v3.HealthCheck.GrpcHealthCheck": _f(
+        "service_name", "authority", "initial_metadata"),
+    "envoy.config.core.v3.HealthCheck.Payload": _f("text", "binary"),
+    "envoy.config.core.v3.HealthCheck.TlsOptions": _f("alpn_protocols"),
+    "envoy.type.v3.Int64Range": _f("start", "end"),
 
     # ---- endpoints ---------------------------------------------------------------------
     "envoy.config.endpoint.v3.ClusterLoadAssignment": _f("cluster_name", "endpoints"),
@@ -275,7 +336,8 @@ SUPPORTED: Mapping[str, frozenset[str]] = {
 
 # One use of a message type that supports less than the type's entry in SUPPORTED:
 # (parent message full name, field name) -> supported field names of the child.
-_UPSTREAM_HTTP_OPTIONS = _f("idle_timeout", "max_requests_per_connection")
+_UPSTREAM_HTTP_OPTIONS = _f("idle_timeout", "max_requests_per_connection",
+                            "max_connection_duration")
 SUBSETS: Mapping[tuple[str, str], frozenset[str]] = {
     ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", "common_http_protocol_options"):
         _UPSTREAM_HTTP_OPTIONS,

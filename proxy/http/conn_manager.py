@@ -554,14 +554,19 @@ class ActiveStream:
         assert self.nursery is not None, "start_task needs a request with a body"
         self.nursery.start_soon(fn, *args)
 
-    async def send_outcome(self, outcome: Outcome) -> None:
+    async def send_outcome(self, outcome: Outcome,
+                           headers: tuple[tuple[str, str], ...] = ()) -> None:
         reply = LOCAL_REPLIES[outcome]
         self.stream_info.apply_local_reply(reply)
-        await self.send_local_reply(reply.status, reply.body.encode(), reply.details)
+        await self.send_local_reply(reply.status, reply.body.encode(), reply.details,
+                                    headers=headers)
 
     async def send_local_reply(
-        self, status: int, body: bytes, details: str, *, location: str | None = None
+        self, status: int, body: bytes, details: str, *, location: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
+        """``headers`` are added to the reply (Envoy's modify_headers callback, e.g. the
+        router's ``x-envoy-overloaded``)."""
         info = self.stream_info
         if self.response_started:
             # Too late for a reply: the client already has part of another response.
@@ -571,22 +576,26 @@ class ActiveStream:
         if is_grpc_request(self.request_headers):
             # Envoy's Utility::sendLocalReply for gRPC: a trailers-only response, the
             # status mapped to grpc-status and the body text as grpc-message.
-            headers = HeaderMap([
+            grpc_headers = HeaderMap([
                 (":status", "200"), ("content-type", "application/grpc"),
                 ("grpc-status", str(http_to_grpc_status(status))),
             ])
             if body:
-                headers.add("grpc-message", percent_encode(body.decode("utf-8", "replace")))
-            await self.fm.encode_headers(headers, True)
+                grpc_headers.add("grpc-message", percent_encode(body.decode("utf-8", "replace")))
+            for name, value in headers:
+                grpc_headers.add(name, value)
+            await self.fm.encode_headers(grpc_headers, True)
             await self.flush()
             return
-        headers = HeaderMap([(":status", str(status))])
+        reply_headers = HeaderMap([(":status", str(status))])
         if location is not None:
-            headers.add("location", location)
+            reply_headers.add("location", location)
         if body:
-            headers.add("content-length", str(len(body)))
-            headers.add("content-type", "text/plain")
-        await self.fm.encode_headers(headers, not body)
+            reply_headers.add("content-length", str(len(body)))
+            reply_headers.add("content-type", "text/plain")
+        for name, value in headers:
+            reply_headers.add(name, value)
+        await self.fm.encode_headers(reply_headers, not body)
         if body:
             await self.fm.encode_data(body, True)
         await self.flush()

@@ -412,7 +412,9 @@ class RouteAction:
     __slots__ = ("_cluster", "_cluster_header", "_hash_policies", "_matched_len",
                  "_prefix_rewrite", "_regex_rewrite", "_weighted", "auto_host_rewrite",
                  "has_hash_policy", "host_rewrite_literal", "timeout",
-                 "grpc_timeout_header_max", "grpc_timeout_header_offset")
+                 "grpc_timeout_header_max", "grpc_timeout_header_offset",
+                 "retry_policy", "priority", "retry_buffer_limit",
+                 "include_attempt_count", "include_attempt_count_in_response")
 
     def __init__(self, msg: Any, matched_len: int | None, path: str) -> None:
         which = msg.WhichOneof("cluster_specifier")
@@ -467,6 +469,17 @@ class RouteAction:
         self._hash_policies = _compile_hash_policies(msg.hash_policy, f"{path}.hash_policy")
         # Whether hash_key can produce a key at all (lets the router skip the call).
         self.has_hash_policy: bool = bool(self._hash_policies)
+        # Resilience (issue #6), filled by _compile_resilience: the retry policy (route's, else
+        # the virtual host's; None: none), the routing priority (circuit breakers), the
+        # request bytes buffered for retries (None: the connection's buffer limit), and
+        # x-envoy-attempt-count on the request / the response.
+        if msg.priority not in (0, 1):
+            raise ConfigError(f"{path}.priority", f"unknown value {msg.priority}")
+        self.priority: int = msg.priority
+        self.retry_policy: Any = None
+        self.retry_buffer_limit: int | None = None
+        self.include_attempt_count = False
+        self.include_attempt_count_in_response = False
 
     # -- cluster selection -------------------------------------------------------------
     def cluster_name(self, headers: HeaderMap, rng: random.Random) -> str | None:
@@ -700,9 +713,29 @@ def _compile_match(route: Route, msg: Any, path: str) -> int | None:
     return matched_len
 
 
+def _compile_resilience(ra: RouteAction, msg: Any, vmsg: Any, path: str,
+                        vpath: str) -> None:
+    """Retry policy, buffer limit and attempt-count headers (route over virtual host)."""
+    from proxy.router.retry_state import RetryPolicy
+
+    if msg.route.HasField("retry_policy"):
+        ra.retry_policy = RetryPolicy.from_proto(msg.route.retry_policy,
+                                                 f"{path}.route.retry_policy")
+    elif vmsg is not None and vmsg.HasField("retry_policy"):
+        ra.retry_policy = RetryPolicy.from_proto(vmsg.retry_policy, f"{vpath}.retry_policy")
+    limit = wrapped(msg, "per_request_buffer_limit_bytes", None)
+    if limit is None and vmsg is not None:
+        limit = wrapped(vmsg, "per_request_buffer_limit_bytes", None)
+    ra.retry_buffer_limit = limit
+    if vmsg is not None:
+        ra.include_attempt_count = vmsg.include_request_attempt_count
+        ra.include_attempt_count_in_response = vmsg.include_attempt_count_in_response
+
+
 def _compile_route(msg: Any, vhost_name: str, vhost_parsers: tuple[Any, Any],
                    table_parsers: tuple[Any, Any], ctx: FactoryContext,
-                   validate_clusters: bool, path: str) -> Route:
+                   validate_clusters: bool, path: str, vmsg: Any = None,
+                   vpath: str = "") -> Route:
     route = Route(msg.name, vhost_name)
     if not msg.HasField("match"):
         raise ConfigError(f"{path}.match", "value is required")
@@ -710,6 +743,7 @@ def _compile_route(msg: Any, vhost_name: str, vhost_parsers: tuple[Any, Any],
     action = msg.WhichOneof("action")
     if action == "route":
         ra = RouteAction(msg.route, matched_len, f"{path}.route")
+        _compile_resilience(ra, msg, vmsg, path, vpath)
         if validate_clusters:
             _validate_clusters(ra, msg.route, ctx.cluster_names, f"{path}.route")
         route.route_action = ra
@@ -843,7 +877,7 @@ class RouteTable:
                         _compile_header_parser(vmsg, "response", vpath))
             routes = tuple(
                 _compile_route(rmsg, vmsg.name, vparsers, table_parsers, ctx, validate_clusters,
-                               f"{vpath}.routes[{j}]")
+                               f"{vpath}.routes[{j}]", vmsg, vpath)
                 for j, rmsg in enumerate(vmsg.routes))
             domains = tuple(ascii_lower(wire_str(d)) for d in vmsg.domains)
             vhost = VirtualHost(vmsg.name, domains, routes)

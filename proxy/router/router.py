@@ -9,20 +9,44 @@ Theory of operation:
 1. A bodiless request (the common case) is served inline in ``decode_headers``: no task is
    spawned. A request with a body starts a response task in the stream's nursery, so the
    response can arrive (and be relayed) while the body is still going up.
-2. The route timeout (Envoy's default 15 s) runs from the end of the downstream request to
-   the end of the response, as in Envoy: a worker timer (``timer_wheel``, cheaper than a
-   cancel scope per request) armed when the last request byte has been sent up. When it
-   fires it wakes the upstream read (``notify_closing``); before response headers that
-   becomes a local 504 (UT); after, the downstream is reset, because a half-sent response
-   cannot be replaced.
-3. A reused keep-alive connection that closes before any response byte is the race every
+2. The route timeout (Envoy's default 15 s; ``x-envoy-upstream-rq-timeout-ms`` overrides
+   it) runs from the end of the downstream request to the end of the response, as in
+   Envoy, through pending waits, retries and their backoff: a worker timer
+   (``timer_wheel``, cheaper than a cancel scope per request). When it fires it wakes the
+   upstream read (``notify_closing``) or cancels the wait in progress; before response
+   headers that becomes a local 504 (UT); after, the downstream is reset, because a
+   half-sent response cannot be replaced. ``retry_policy.per_try_timeout`` (or
+   ``x-envoy-upstream-rq-per-try-timeout-ms``; ignored when not below the route timeout)
+   bounds one attempt from the moment its request is fully sent: 504 UT
+   (``upstream_per_try_timeout``) unless the attempt is retried.
+3. Circuit breakers (``proxy.upstream.resource_manager``, the route's ``priority``): the
+   pool refuses a pending request beyond ``max_pending_requests``, the router an attempt
+   beyond ``max_requests``; either is a local 503 UO with ``x-envoy-overloaded: true``
+   (``upstream_rq_pending_overflow``), never queued.
+4. Retries (``proxy.router.retry_state``): an attempt ends in a response, or in a reset
+   with Envoy's reason (connect failure or timeout, connection termination, protocol
+   error, per-try timeout). Before any response byte went downstream the retry state
+   decides: YES → the attempt is abandoned, a backoff wait, a host chosen again (the
+   ``previous_hosts`` predicate), and the request replayed from its buffered body; NO →
+   the response is relayed or the reset answered, with URX (retries exhausted) or UO
+   (retry breaker full) added to the flags. The request body is buffered for replay only
+   up to ``per_request_buffer_limit_bytes`` (else the listener's buffer limit, 1 MiB):
+   beyond it retries are abandoned (``retry_or_shadow_abandoned``), and a request caught
+   waiting for its retry gets 507.
+5. Outlier detection hears about every attempt (``host.outlier``): connect success or
+   failure, resets, timeouts, and the response code.
+6. A reused keep-alive connection that closes before any response byte is the race every
    HTTP/1.1 proxy meets (the upstream's keep-alive timer fired as we wrote). A request
-   that can be replayed (nothing but headers was sent) is retried once on a new connection;
-   that is not an Envoy retry (retry_policy is issue #6) and is not counted as one.
+   that can be replayed (nothing but headers was sent) is replayed once on a new
+   connection; that is not an Envoy retry and is not counted as one.
+7. A route without a retry policy and a cluster without outlier detection pay a scan of the
+   request header names for ``x-envoy-`` ones, the requests breaker's two counts and a few
+   attribute checks.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -41,17 +65,34 @@ from proxy.http.codec.events import (
 from proxy.http.filter_manager import STOP_ITERATION, FilterStatus
 from proxy.http.grpc import grpc_timeout_s, is_grpc_request, to_grpc_timeout
 from proxy.network.fast_io import receive_some, send_all
+from proxy.router.retry_state import RETRY_HEADERS, RetryState, RetryStatus
 from proxy.stream_info import LOCAL_REPLIES, Outcome, ResponseFlag
-from proxy.upstream.conn_pool import UpstreamConnection, pool_for
+from proxy.upstream.conn_pool import UpstreamConnection, UpstreamOverflow, pool_for
 from proxy.upstream.connect import UpstreamConnectError
 from proxy.upstream.load_balancer import LoadBalancerContext
 from proxy.upstream.original_dst_cluster import downstream_context
+from proxy.upstream.outlier_detection import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT
 
 if TYPE_CHECKING:
     from proxy.http.headers import HeaderMap
 
 _RECV = 65536
 _NO_HASH = LoadBalancerContext(hash_key=None)
+_OVERLOADED = (("x-envoy-overloaded", "true"),)
+_RQ_TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"
+_HONOURED = RETRY_HEADERS | {_RQ_TIMEOUT_HEADER}
+
+# Reset reasons (Envoy's StreamResetReason) of the outcomes an attempt can end in.
+_REASONS = {
+    Outcome.UPSTREAM_CONNECT_FAILURE: "connection_failure",
+    Outcome.UPSTREAM_CONNECT_TIMEOUT: "connection_timeout",
+    Outcome.UPSTREAM_RESET_BEFORE_RESPONSE: "connection_termination",
+    Outcome.UPSTREAM_PROTOCOL_ERROR: "protocol_error",
+    Outcome.UPSTREAM_PER_TRY_TIMEOUT: "local_reset",
+    Outcome.UPSTREAM_OVERFLOW: "overflow",
+    Outcome.UPSTREAM_REMOTE_RESET: "remote_reset",
+    Outcome.UPSTREAM_REFUSED_STREAM: "remote_refused_stream_reset",
+}
 
 
 def _count_response_code(cluster: Any, status: int) -> None:
@@ -67,6 +108,30 @@ def _count_response_code(cluster: Any, status: int) -> None:
         )
     pair[0].value += 1
     pair[1].value += 1
+
+
+def _is_internal(ip: str) -> bool:
+    """Envoy's ``isInternalAddress``: RFC 1918, loopback, IPv6 unique-local."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return addr.is_private or addr.is_loopback
+
+
+def take_envoy_headers(headers: HeaderMap, honour: bool) -> dict[str, str] | None:
+    """Remove the retry and timeout ``x-envoy-*`` request headers; return them when they are
+    to be honoured (Envoy strips them from an edge request before the router sees them)."""
+    found: dict[str, str] | None = None
+    for name, value in headers.items():
+        if name in _HONOURED:
+            if found is None:
+                found = {}
+            found.setdefault(name, value)
+    if found is None:
+        return None
+    headers.remove_if(_HONOURED)
+    return found if honour else None
 
 
 class RouterConfig:
@@ -86,12 +151,20 @@ class _RouteTimeout(Exception):
 
 
 class _UpstreamReset(Exception):
-    """The upstream connection failed mid-exchange; ``outcome`` says how."""
+    """An attempt failed before (or while) relaying a response; ``outcome`` says how."""
 
-    def __init__(self, outcome: Outcome, detail: str = "") -> None:
+    def __init__(self, outcome: Outcome, detail: str = "", *, retriable: bool = True,
+                 remote: bool = True) -> None:
         super().__init__(outcome.value)
         self.outcome = outcome
         self.detail = detail
+        self.reason = _REASONS.get(outcome, "local_reset")
+        self.retriable = retriable
+        self.remote = remote
+
+
+class _RetryResponse(Exception):
+    """The response headers asked for a retry (the retry state said YES)."""
 
 
 class RouterFilter:
@@ -100,6 +173,10 @@ class RouterFilter:
         "idle_timer", "stream_idle", "timeout_outcome",
         "request_done_at", "request_sent_all", "response_started", "response_done",
         "body_sent", "sent_at", "_headers", "h2",
+        "resources", "rq_held", "retry", "per_try", "per_try_timer", "per_try_timed_out",
+        "failure", "buffer", "buffered", "buffer_limit", "trailers", "request_complete",
+        "replaying", "wait_scope", "buffer_overflowed", "action", "lb_context",
+        "attempt_started",
     )
 
     def __init__(self, config: RouterConfig, callbacks: Any) -> None:
@@ -123,6 +200,24 @@ class RouterFilter:
         self.sent_at = 0.0
         self._headers: HeaderMap | None = None
         self.h2: Any = None  # an H2UpstreamRequest when the cluster speaks HTTP/2
+        self.resources: Any = None  # the cluster's circuit breakers for the route's priority
+        self.rq_held = False  # one count of the requests breaker is ours
+        self.retry: RetryState | None = None
+        self.per_try: float | None = None
+        self.per_try_timer: Any = None
+        self.per_try_timed_out = False
+        self.failure: _UpstreamReset | None = None  # why the current attempt has no connection
+        self.buffer: list[bytes] | None = None  # request body kept for retries
+        self.buffered = 0
+        self.buffer_limit = 0
+        self.trailers: HeaderMap | None = None
+        self.request_complete = False  # the downstream request has ended
+        self.replaying = False
+        self.wait_scope: trio.CancelScope | None = None
+        self.buffer_overflowed = False
+        self.action: Any = None
+        self.lb_context: Any = None
+        self.attempt_started = False  # request bytes went upstream in this attempt
 
     # -- request --------------------------------------------------------------------------
     async def decode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterStatus:
@@ -144,7 +239,7 @@ class RouterFilter:
                 rd.status, b"", details="direct_response", location=rd.location(headers)
             )
             return STOP_ITERATION
-        action = route.route_action
+        action = self.action = route.route_action
         worker = cb.worker
         name = action.cluster_name(headers, worker.rng)
         cluster = worker.cluster_manager.get(name) if name else None
@@ -159,6 +254,7 @@ class RouterFilter:
             lb_context = downstream_context(cb.hc.conn, headers, hash_key)
         else:
             lb_context = _NO_HASH if hash_key is None else LoadBalancerContext(hash_key)
+        self.lb_context = lb_context
         host = cluster.choose_host(lb_context)
         if host is None:
             cluster.cluster_stats.upstream_cx_none_healthy.inc()
@@ -176,27 +272,39 @@ class RouterFilter:
         self.timeout = action.timeout
         if action.grpc_timeout_header_max is not None:
             self._grpc_timeout(headers, action)
+        envoy = None
+        for item in headers.items():
+            if item[0].startswith("x-envoy-"):
+                envoy = self._envoy_headers(headers)
+                break
+        policy = action.retry_policy
+        if policy is not None or envoy:
+            self._setup_retries(policy, envoy, headers, cluster)
         if not self.config.suppress_envoy_headers:
             if headers.get(":path") != original_path and original_path is not None:
                 headers.set("x-envoy-original-path", original_path)
-            if self.timeout is not None:
-                headers.set("x-envoy-expected-rq-timeout-ms", str(int(self.timeout * 1000)))
+            expected = self.per_try or self.timeout
+            if expected is not None:
+                headers.set("x-envoy-expected-rq-timeout-ms", str(int(expected * 1000)))
         self._headers = headers
+        self.resources = cluster.resources[action.priority]
 
         stats = cluster.cluster_stats
         stats.upstream_rq_total.inc()
         stats.upstream_rq_active.inc()
         host.rq_active += 1  # given back in on_destroy, however the stream ends
         host.rq_total += 1
+        self.request_complete = end_stream
+        if end_stream:
+            self.request_done_at = trio.current_time()
+            self._arm_timeout()
         if cluster.config.upstream_protocol == "http2":
             from proxy.router.upstream_h2 import H2UpstreamRequest
 
             self.h2 = H2UpstreamRequest(self)
             return await self.h2.decode_headers(headers, end_stream)
-        if not await self._send_headers(headers, end_stream, allow_retry=True):
-            return STOP_ITERATION
+        await self._send_headers(headers, end_stream)
         if end_stream:
-            self.request_done_at = trio.current_time()
             await self._run_response()
         else:
             cb.start_task(self._run_response)
@@ -219,15 +327,56 @@ class RouterFilter:
         if self.timeout is not None:
             headers.set("grpc-timeout", to_grpc_timeout(self.timeout))
 
+    def _envoy_headers(self, headers: HeaderMap) -> dict[str, str] | None:
+        """The retry / timeout headers, consumed (Envoy's HCM drops them from an edge
+        request: with use_remote_address and a client outside the internal ranges)."""
+        cb = self.cb
+        honour = not cb.config.use_remote_address or _is_internal(cb.source_ip)
+        envoy = take_envoy_headers(headers, honour)
+        if envoy is not None:
+            value = envoy.get(_RQ_TIMEOUT_HEADER)
+            if value is not None and value.strip().isdigit():
+                self.timeout = int(value.strip()) / 1000 or None
+        return envoy
+
+    def _setup_retries(self, policy: Any, envoy: dict[str, str] | None, headers: HeaderMap,
+                       cluster: Any) -> None:
+        cb = self.cb
+        runtime = cb.worker.snapshot.runtime
+        base_ms = 25 if runtime is None else runtime.get_int("upstream.base_retry_backoff_ms", 25)
+        resources = cluster.resources[self.action.priority]
+        retry = self.retry = RetryState.create(policy, headers, cluster.cluster_stats,
+                                               resources.retries, cb.worker.rng, base_ms,
+                                               envoy)
+        per_try = policy.per_try_timeout if policy is not None else None
+        if envoy:
+            value = envoy.get("x-envoy-upstream-rq-per-try-timeout-ms")
+            if value is not None and value.strip().isdigit():
+                per_try = int(value.strip()) / 1000 or None
+        if retry is not None:
+            retry.per_try_timeout = per_try
+        if per_try is not None and self.timeout is not None and per_try >= self.timeout:
+            per_try = None  # Envoy: a per-try timeout not below the route timeout is ignored
+        self.per_try = per_try
+        if retry is not None:
+            limit = self.action.retry_buffer_limit
+            self.buffer_limit = limit if limit is not None else cb.hc.conn.buffer_limit
+            self.buffer = []
+
     async def decode_data(self, data: bytes, end_stream: bool) -> FilterStatus:
         if self.h2 is not None:
             return await self.h2.decode_data(data, end_stream)  # type: ignore[no-any-return]
+        if end_stream:
+            self.request_complete = True
+        if self.buffer is not None and not self._buffer_body(data):
+            return STOP_ITERATION
         uc = self.uc
-        if uc is None or self.response_done:
+        if uc is None or self.response_done or self.replaying:
             if end_stream:
                 self._mark_request_done()
             return STOP_ITERATION
         self.body_sent = True
+        self.attempt_started = True
         try:
             out = uc.codec.send_data(data, end_stream)
             await send_all(uc.sock, out)
@@ -237,11 +386,38 @@ class RouterFilter:
             self._mark_request_done()
         return STOP_ITERATION
 
+    def _buffer_body(self, data: bytes) -> bool:
+        """Keep ``data`` for a replay; False once it no longer fits and nothing is in flight."""
+        assert self.buffer is not None
+        if self.buffered + len(data) > self.buffer_limit:
+            # Envoy: give up on retries; a request caught between attempts cannot go on.
+            self.cluster.cluster_stats.retry_or_shadow_abandoned.inc()
+            if self.retry is not None:
+                self.retry.release()
+                self.retry = None
+            if self.replaying:  # the replay in progress sends it, then drops the buffer
+                self.buffer.append(data)
+                return True
+            self.buffer = None
+            if self.uc is None and self.h2 is None or (
+                    self.h2 is not None and self.h2.stream is None):
+                self.buffer_overflowed = True
+                if self.wait_scope is not None:
+                    self.wait_scope.cancel()
+                return False
+            return True
+        if data:
+            self.buffer.append(data)
+            self.buffered += len(data)
+        return True
+
     async def decode_trailers(self, trailers: HeaderMap) -> FilterStatus:
         if self.h2 is not None:
             return await self.h2.decode_trailers(trailers)  # type: ignore[no-any-return]
+        self.request_complete = True
+        self.trailers = trailers
         uc = self.uc
-        if uc is not None and not self.response_done:
+        if uc is not None and not self.response_done and not self.replaying:
             try:
                 await send_all(uc.sock, uc.codec.send_trailers(trailers))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -250,10 +426,14 @@ class RouterFilter:
         return STOP_ITERATION
 
     def _mark_request_done(self) -> None:
-        self.request_sent_all = True
+        self.request_complete = True
         self.cb.stream_info.last_upstream_tx_byte = time.monotonic()
         self.request_done_at = trio.current_time()
         self._arm_timeout()
+        if self.uc is not None and not self.replaying or (
+                self.h2 is not None and self.h2.stream is not None):
+            self.request_sent_all = True
+            self._arm_per_try()
 
     def _arm_timeout(self) -> None:
         if self.timeout is not None and self.timer is None and not self.response_done:
@@ -267,10 +447,33 @@ class RouterFilter:
         if self.response_done:
             return
         self.timed_out = True
+        self._wake()
+
+    def _wake(self) -> None:
         if self.uc is not None:
             trio.lowlevel.notify_closing(self.uc.sock)  # wakes the upstream read
         elif self.h2 is not None:
             self.h2.wake()
+        if self.wait_scope is not None:
+            self.wait_scope.cancel()  # a pending connection, or a retry's backoff
+
+    def _arm_per_try(self) -> None:
+        if self.per_try is not None and self.per_try_timer is None and not self.response_done:
+            self.per_try_timer = self.cb.worker.timers.call_later(self.per_try,
+                                                                  self._on_per_try_timeout)
+
+    def _on_per_try_timeout(self) -> None:
+        self.per_try_timer = None
+        if self.response_done:
+            return
+        self.per_try_timed_out = True
+        self._wake()
+
+    def _cancel_per_try(self) -> None:
+        if self.per_try_timer is not None:
+            self.per_try_timer.cancel()
+            self.per_try_timer = None
+        self.per_try_timed_out = False
 
     def _on_stream_idle(self) -> None:
         self.idle_timer = None
@@ -279,57 +482,136 @@ class RouterFilter:
         self.timeout_outcome = Outcome.STREAM_IDLE_TIMEOUT
         self._on_timeout()
 
-    async def _send_headers(self, headers: HeaderMap, end_stream: bool, allow_retry: bool) -> bool:
-        """Take a connection and write the request head; False when a local reply was sent."""
+    def _per_try_timeout_failure(self) -> _UpstreamReset:
+        """Count a per-try timeout (Envoy's onPerTryTimeout) and describe it."""
+        self.cluster.cluster_stats.upstream_rq_per_try_timeout.inc()
+        host = self.host
+        if host is not None:
+            host.rq_timeout += 1
+            if host.outlier is not None:
+                host.outlier.put_result(TIMEOUT)
+        return _UpstreamReset(Outcome.UPSTREAM_PER_TRY_TIMEOUT, remote=False)
+
+    async def _acquire(self, pool: Any) -> UpstreamConnection | None:
+        """Wait for a connection (pending request); None when the route timeout fired."""
+        with trio.CancelScope() as scope:
+            self.wait_scope = scope
+            try:
+                return await pool.acquire(self.resources)  # type: ignore[no-any-return]
+            finally:
+                self.wait_scope = None
+        return None
+
+    async def _send_headers(self, headers: HeaderMap, end_stream: bool) -> bool:
+        """Take a connection and write the request head (and the buffered body of a retry);
+        False when the attempt failed: ``self.failure`` says how."""
         cb = self.cb
         info = cb.stream_info
-        pool = self.pool = pool_for(self.cluster, self.host)
+        host = self.host
+        cluster = self.cluster
+        pool = self.pool = pool_for(cluster, host, cb.worker.timers)
+        allow_replay = True
+        self.attempt_started = False
+        info.attempt_count += 1
         while True:
-            try:
-                uc = await pool.acquire()
-            except UpstreamConnectError as exc:
-                info.upstream_transport_failure_reason = str(exc)
-                outcome = (
-                    Outcome.UPSTREAM_CONNECT_TIMEOUT
-                    if exc.reason == "connection_timeout"
-                    else Outcome.UPSTREAM_CONNECT_FAILURE
-                )
-                self.response_done = True
-                await cb.send_outcome(outcome)
+            uc = pool.acquire_ready()
+            if uc is None:
+                try:
+                    uc = await self._acquire(pool)
+                except UpstreamOverflow:
+                    self.failure = _UpstreamReset(Outcome.UPSTREAM_OVERFLOW)
+                    return False
+                except UpstreamConnectError as exc:
+                    info.upstream_transport_failure_reason = str(exc)
+                    outcome = (
+                        Outcome.UPSTREAM_CONNECT_TIMEOUT
+                        if exc.reason == "connection_timeout"
+                        else Outcome.UPSTREAM_CONNECT_FAILURE
+                    )
+                    if host.outlier is not None:
+                        host.outlier.put_result(CONNECT_FAILED)
+                    self.failure = _UpstreamReset(outcome, remote=False)
+                    return False
+                if uc is None:  # the route timeout fired while we waited
+                    self.failure = None
+                    return False
+            requests = self.resources.requests
+            if requests.count >= requests.max:
+                # Envoy's "max streams overflow" (attachStreamToClient).
+                pool.put_back(uc)
+                cluster.cluster_stats.upstream_rq_pending_overflow.inc()
+                self.failure = _UpstreamReset(Outcome.UPSTREAM_OVERFLOW)
                 return False
+            requests.inc()
+            self.rq_held = True
+            if host.outlier is not None:
+                host.outlier.put_result(CONNECT_SUCCESS)
             self.uc = uc
             info.upstream_local_address = uc.local_address
             info.upstream_ssl = uc.ssl_info
-            info.attempt_count += 1
+            if self.action.include_attempt_count:
+                headers.set("x-envoy-attempt-count", str(info.attempt_count))
+            replay = self.buffer is not None and (self.buffer or self.request_complete) and (
+                not end_stream)
             try:
                 out = uc.codec.send_request_headers(headers, end_stream)
             except LocalProtocolError as exc:
                 # We cannot write this request (a header no HTTP/1.1 peer may see): the
                 # proxy resets the upstream stream itself, Envoy's LR.
+                self._release_upstream_slot()
                 pool.discard(uc)
                 self.uc = None
                 info.upstream_transport_failure_reason = str(exc)
-                self.response_done = True
-                await cb.send_outcome(Outcome.UPSTREAM_LOCAL_RESET)
+                self.failure = _UpstreamReset(Outcome.UPSTREAM_LOCAL_RESET, retriable=False)
                 return False
             try:
                 self.sent_at = time.monotonic()
                 if info.first_upstream_tx_byte is None:
                     info.first_upstream_tx_byte = self.sent_at
+                self.attempt_started = True
                 await send_all(uc.sock, out)
                 if end_stream:
                     self.request_sent_all = True
                     info.last_upstream_tx_byte = time.monotonic()
+                    self._arm_per_try()
+                elif replay:
+                    await self._replay_body(uc)
                 return True
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self._release_upstream_slot()
                 pool.discard(uc)
                 self.uc = None
-                if uc.reused and allow_retry:
-                    allow_retry = False
+                if uc.reused and allow_replay and not self.body_sent:
+                    allow_replay = False
                     continue
-                self.response_done = True
-                await cb.send_outcome(Outcome.UPSTREAM_RESET_BEFORE_RESPONSE)
+                if host.outlier is not None:
+                    host.outlier.put_result(CONNECT_FAILED)
+                self.failure = _UpstreamReset(Outcome.UPSTREAM_RESET_BEFORE_RESPONSE)
                 return False
+
+    async def _replay_body(self, uc: UpstreamConnection) -> None:
+        """Send a retry's buffered body (and the end of the request, if it came)."""
+        self.replaying = True
+        try:
+            buffer = self.buffer
+            i = 0
+            while buffer is not None and i < len(buffer):
+                await send_all(uc.sock, uc.codec.send_data(buffer[i], False))
+                self.body_sent = True
+                i += 1
+                buffer = self.buffer
+            if self.request_complete:
+                if self.trailers is not None:
+                    await send_all(uc.sock, uc.codec.send_trailers(self.trailers))
+                else:
+                    await send_all(uc.sock, uc.codec.send_data(b"", True))
+                self.request_sent_all = True
+                self.cb.stream_info.last_upstream_tx_byte = time.monotonic()
+                self._arm_per_try()
+        finally:
+            self.replaying = False
+            if self.retry is None:
+                self.buffer = None  # retries were abandoned meanwhile
 
     # -- response -------------------------------------------------------------------------
     async def _run_response(self) -> None:
@@ -342,19 +624,123 @@ class RouterFilter:
         if idle is not None and (self.timeout is None or self.timeout > idle):
             self.stream_idle = idle
         try:
-            await self._relay_response()
+            while True:
+                try:
+                    if self.uc is None:
+                        if self.buffer_overflowed and not self.timed_out:
+                            self.response_done = True
+                            await self.cb.send_outcome(Outcome.RETRY_BUFFER_OVERFLOW)
+                            break
+                        if self.timed_out or self.failure is None:
+                            raise _RouteTimeout
+                        raise self.failure
+                    await self._relay_response()
+                    break
+                except (_UpstreamReset, _RetryResponse) as failure:
+                    if self.timed_out:
+                        raise _RouteTimeout from None
+                    if await self._retry(failure):
+                        continue
+                    assert isinstance(failure, _UpstreamReset)
+                    await self._on_reset(failure)
+                    break
         except _RouteTimeout:
             await self._on_route_timeout()
-        except _UpstreamReset as reset:
-            if self.timed_out:
-                await self._on_route_timeout()
-            else:
-                await self._on_reset(reset)
         finally:
             self.response_done = True
             if self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
+            self._cancel_per_try()
+
+    async def _retry(self, failure: Exception) -> bool:
+        """Envoy's maybeRetryReset / the retry of a response: True when a new attempt is
+        under way (or the request was answered meanwhile)."""
+        retry = self.retry
+        if isinstance(failure, _RetryResponse):
+            self._drop_upstream(remote=False)
+        else:
+            assert isinstance(failure, _UpstreamReset)
+            if retry is None or self.response_started or not failure.retriable:
+                return False
+            if self.host is not None:
+                retry.on_host_attempted(self.host)
+            status = retry.should_retry_reset(failure.reason, self.attempt_started)
+            if status is not RetryStatus.YES:
+                self._retry_refused(status)
+                return False
+            self._drop_upstream(remote=failure.remote)
+            if self.host is not None:
+                self.host.rq_error += 1
+        assert retry is not None
+        self._release_upstream_slot()
+        self._cancel_per_try()
+        return await self._next_attempt(retry)
+
+    def _retry_refused(self, status: RetryStatus) -> None:
+        info = self.cb.stream_info
+        if status is RetryStatus.NO_OVERFLOW:
+            info.set_response_flag(ResponseFlag.UPSTREAM_OVERFLOW)
+        elif status is RetryStatus.NO_RETRY_LIMIT_EXCEEDED:
+            info.set_response_flag(ResponseFlag.UPSTREAM_RETRY_LIMIT_EXCEEDED)
+
+    async def _backoff(self, retry: RetryState) -> bool:
+        """Wait out the retry's backoff; False when the route timeout fired or the body
+        outgrew the buffer meanwhile (the request was answered)."""
+        with trio.CancelScope() as scope:
+            self.wait_scope = scope
+            try:
+                await trio.sleep(retry.backoff())
+            finally:
+                self.wait_scope = None
+        if self.timed_out:
+            raise _RouteTimeout
+        return not self.buffer_overflowed  # the loop answers 507
+
+    def _choose_retry_host(self, retry: RetryState) -> Any:
+        """Envoy's chooseHost loop with the retry host predicates."""
+        cluster = self.cluster
+        host = cluster.choose_host(self.lb_context)
+        if retry.policy.previous_hosts:
+            for _ in range(retry.host_selection_max_attempts):
+                if host is None or not retry.should_select_another_host(host):
+                    break
+                host = cluster.choose_host(self.lb_context)
+        return host
+
+    async def _next_attempt(self, retry: RetryState) -> bool:
+        cb = self.cb
+        if not await self._backoff(retry):
+            return True
+        host = self._choose_retry_host(retry)
+        if host is None:
+            self.cluster.cluster_stats.upstream_cx_none_healthy.inc()
+            self.response_done = True
+            await cb.send_outcome(Outcome.NO_HEALTHY_UPSTREAM)
+            return True
+        old = self.host
+        if old is not None:
+            old.rq_active -= 1
+        host.rq_active += 1
+        host.rq_total += 1
+        self.host = host
+        info = cb.stream_info
+        info.upstream_host = host.address_string
+        info.upstream_host_name = host.hostname or None
+        self.cluster.cluster_stats.upstream_rq_total.inc()
+        headers = self._headers
+        assert headers is not None
+        if not self.config.suppress_envoy_headers and self.per_try is None and (
+                self.timeout is not None and self.request_done_at is not None):
+            left = self.request_done_at + self.timeout - trio.current_time()
+            headers.set("x-envoy-expected-rq-timeout-ms", str(max(1, int(left * 1000))))
+        self.request_sent_all = False
+        self.body_sent = False
+        if self.h2 is not None:
+            return await self.h2.next_attempt()  # type: ignore[no-any-return]
+        bodiless = self.request_complete and not self.buffer and self.trailers is None
+        await self._send_headers(headers, bodiless)
+        return True
 
     async def _on_route_timeout(self) -> None:
         cb = self.cb
@@ -362,8 +748,11 @@ class RouterFilter:
         outcome = self.timeout_outcome
         if outcome is Outcome.UPSTREAM_REQUEST_TIMEOUT:
             self.cluster.cluster_stats.upstream_rq_timeout.inc()
-            if self.host is not None:
-                self.host.rq_timeout += 1
+            host = self.host
+            if host is not None:
+                host.rq_timeout += 1
+                if host.outlier is not None and self.uc is not None:
+                    host.outlier.put_result(TIMEOUT)
         else:
             cb.hcm_stats.rq_idle_timeout.inc()
         self._drop_upstream(remote=False)
@@ -387,6 +776,8 @@ class RouterFilter:
                     await cb.flush()  # before waiting: what we have goes out now
                     if self.timed_out:
                         raise _RouteTimeout
+                    if self.per_try_timed_out:
+                        raise self._per_try_timeout_failure()
                     if self.stream_idle is not None:
                         self.idle_timer = cb.worker.timers.call_later(
                             self.stream_idle, self._on_stream_idle
@@ -397,6 +788,8 @@ class RouterFilter:
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         if self.timed_out:
                             raise _RouteTimeout from None
+                        if self.per_try_timed_out:
+                            raise self._per_try_timeout_failure() from None
                         data = b""
                     finally:
                         if self.idle_timer is not None:
@@ -409,7 +802,8 @@ class RouterFilter:
                     if ev is None and not data:
                         ev = ConnectionClosed()
             except CodecError as exc:
-                raise _UpstreamReset(Outcome.UPSTREAM_PROTOCOL_ERROR, str(exc)) from None
+                raise _UpstreamReset(Outcome.UPSTREAM_PROTOCOL_ERROR, str(exc),
+                                     remote=False) from None
             t = type(ev)
             if t is Data:
                 await cb.encode_data(ev.data, False)  # type: ignore[union-attr]
@@ -436,12 +830,19 @@ class RouterFilter:
                     and self.request_sent_all
                 ):
                     # The keep-alive race: replay once on a fresh connection.
+                    self._release_upstream_slot()
                     self.pool.discard(uc)
                     self.uc = None
-                    if not await self._send_headers(self._headers, True, allow_retry=False):  # type: ignore[arg-type]
-                        self.response_done = True
-                        return
+                    self._cancel_per_try()
+                    info.attempt_count -= 1  # the same attempt, not an Envoy retry
+                    if not await self._send_headers(self._headers, True):  # type: ignore[arg-type]
+                        if self.failure is None:
+                            raise _RouteTimeout
+                        raise self.failure
                     continue
+                host = self.host
+                if host is not None and host.outlier is not None:
+                    host.outlier.put_result(CONNECT_FAILED)
                 raise _UpstreamReset(Outcome.UPSTREAM_RESET_BEFORE_RESPONSE)
         self.response_done = True
         cluster = self.cluster
@@ -453,10 +854,26 @@ class RouterFilter:
     async def _on_response_headers(self, ev: ResponseHeaders) -> None:
         cb = self.cb
         headers = ev.headers
-        self.response_started = True
         status = int(headers.get(":status") or 0)
-        _count_response_code(self.cluster, status)
         host = self.host
+        if host is not None and host.outlier is not None:
+            host.outlier.put_http_response_code(status)
+        retry = self.retry
+        if retry is not None:
+            if host is not None:
+                retry.on_host_attempted(host)
+            decision = retry.should_retry_headers(status, headers)
+            if decision is RetryStatus.YES:
+                if host is not None:
+                    host.rq_error += 1
+                _count_response_code(self.cluster, status)
+                raise _RetryResponse
+            self._retry_refused(decision)
+            retry.release()
+            self.retry = None
+            self.buffer = None
+        self.response_started = True
+        _count_response_code(self.cluster, status)
         if host is not None:
             if status >= 500:
                 host.rq_error += 1
@@ -465,30 +882,42 @@ class RouterFilter:
         if not self.config.suppress_envoy_headers:
             ms = int((time.monotonic() - self.sent_at) * 1000)
             headers.add("x-envoy-upstream-service-time", str(ms))
+        if self.action.include_attempt_count_in_response:
+            headers.set("x-envoy-attempt-count", str(cb.stream_info.attempt_count))
         cb.stream_info.upstream_service_time_ms = int((time.monotonic() - self.sent_at) * 1000)
         await cb.encode_headers(headers, ev.end_stream)
 
     async def _on_reset(self, reset: _UpstreamReset) -> None:
         cb = self.cb
-        if self.host is not None and not self.response_started:
+        outcome = reset.outcome
+        if (self.host is not None and not self.response_started
+                and outcome is not Outcome.UPSTREAM_PER_TRY_TIMEOUT
+                and outcome is not Outcome.UPSTREAM_OVERFLOW):
             self.host.rq_error += 1
         # The upstream closed or reset, or sent what cannot be parsed (we close: local).
-        self._drop_upstream(remote=reset.outcome is not Outcome.UPSTREAM_PROTOCOL_ERROR)
+        self._drop_upstream(remote=reset.remote)
         self.response_done = True
         if reset.detail:
             cb.stream_info.upstream_transport_failure_reason = reset.detail
         if self.response_started:
-            flag = (
-                ResponseFlag.UPSTREAM_PROTOCOL_ERROR
-                if reset.outcome is Outcome.UPSTREAM_PROTOCOL_ERROR
-                else ResponseFlag.UPSTREAM_CONNECTION_TERMINATION
-            )
+            flag = LOCAL_REPLIES[outcome].flag
+            if outcome is Outcome.UPSTREAM_RESET_BEFORE_RESPONSE:
+                flag = ResponseFlag.UPSTREAM_CONNECTION_TERMINATION
             cb.stream_info.set_response_flag(flag)
             cb.reset_stream("upstream_reset_after_response_started")
+        elif outcome is Outcome.UPSTREAM_OVERFLOW and not self.config.suppress_envoy_headers:
+            await cb.send_outcome(outcome, _OVERLOADED)
         else:
-            await cb.send_outcome(reset.outcome)
+            await cb.send_outcome(outcome)
+
+    def _release_upstream_slot(self) -> None:
+        """The attempt no longer holds a count of the requests breaker."""
+        if self.rq_held:
+            self.rq_held = False
+            self.resources.requests.dec()
 
     def _release_upstream(self) -> None:
+        self._release_upstream_slot()
         uc, self.uc = self.uc, None
         if uc is None:
             return
@@ -499,6 +928,10 @@ class RouterFilter:
 
     def _drop_upstream(self, remote: bool = False) -> None:
         """Close the upstream connection with the request still in flight on it."""
+        self._release_upstream_slot()
+        if self.h2 is not None:
+            self.h2.drop()
+            return
         uc, self.uc = self.uc, None
         if uc is not None:
             self.pool.discard(uc, remote=remote, active_rq=True)
@@ -517,8 +950,14 @@ class RouterFilter:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.per_try_timer is not None:
+            self.per_try_timer.cancel()
+            self.per_try_timer = None
+        if self.retry is not None:
+            self.retry.release()
         self._finish_request_stats()
         if self.uc is not None:
             self._drop_upstream()
+        self._release_upstream_slot()
         if self.h2 is not None:
             self.h2.on_destroy()

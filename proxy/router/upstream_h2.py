@@ -1,25 +1,29 @@
 """The router's upstream request over HTTP/2 (Envoy's UpstreamRequest on an h2 pool).
 
 ``RouterFilter`` hands a request here when its cluster speaks HTTP/2; everything that is
-not about the wire (host choice, header finalization, stats, local replies, the route and
-stream-idle timers) stays the router's, so both protocols answer, log and count alike.
+not about the wire (host choice, header finalization, stats, local replies, timers,
+retries, circuit breakers, outlier reports) stays the router's, so both protocols answer,
+log, count and retry alike.
 
 Theory of operation:
-1. The request headers open a stream on the host's ``Http2ConnPool``; body DATA is queued
-   on it and ``decode_data`` returns only once the stream's unframed bytes are below the
+1. The request headers open a stream on the host's ``Http2ConnPool`` (which applies the
+   cluster's pending-requests, requests and connections breakers); body DATA is queued on
+   it and ``decode_data`` returns only once the stream's unframed bytes are below the
    pool's watermark, so the downstream's window reopens at the upstream's pace.
 2. Response DATA is acknowledged upstream only after ``flush()`` handed it downstream:
    a slow client holds the upstream stream at one window.
 3. Resets map to Envoy's response flags: RST_STREAM → UR (``remote_reset``, or
    ``remote_refused_stream_reset`` for REFUSED_STREAM), the connection closing → UC, an
    unparseable frame → UPE; 503 (502 for UPE) before the response started, a downstream
-   reset after.
+   reset after. Before the response started the router's retry state may retry instead
+   (``next_attempt``: a new stream, the buffered body replayed; queuing on h2 streams is
+   synchronous, so a replay cannot interleave with new body DATA).
 4. A stream refused by the upstream's GOAWAY (above its last stream id) or by
    REFUSED_STREAM was never processed: a request that was only headers is replayed once on
    a fresh stream (like the HTTP/1 keep-alive race, this is not an Envoy retry and is not
    counted as one).
-5. The route timeout and stream idle timer are the router's timers; firing wakes the
-   stream's wait (``H2UpstreamStream.wake``) instead of closing a socket.
+5. The route, per-try and stream idle timers are the router's; firing wakes the stream's
+   wait (``H2UpstreamStream.wake``) instead of closing a socket.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from proxy.http.codec.events import (
 )
 from proxy.http.filter_manager import STOP_ITERATION, FilterStatus
 from proxy.stream_info import LOCAL_REPLIES, Outcome
+from proxy.upstream.conn_pool import UpstreamOverflow
 from proxy.upstream.conn_pool_h2 import (
     CONNECTION_TERMINATION,
     PROTOCOL_ERROR,
@@ -48,6 +53,7 @@ from proxy.upstream.conn_pool_h2 import (
     h2_pool_for,
 )
 from proxy.upstream.connect import UpstreamConnectError
+from proxy.upstream.outlier_detection import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT
 
 if TYPE_CHECKING:
     from proxy.http.headers import HeaderMap
@@ -59,10 +65,6 @@ _OUTCOMES = {
     REMOTE_REFUSED_STREAM_RESET: Outcome.UPSTREAM_REFUSED_STREAM,
     PROTOCOL_ERROR: Outcome.UPSTREAM_PROTOCOL_ERROR,
 }
-
-
-class _RouteTimeout(Exception):
-    pass
 
 
 class H2UpstreamRequest:
@@ -85,23 +87,43 @@ class H2UpstreamRequest:
     async def decode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterStatus:
         r = self.r
         cb = r.cb
-        if not await self._open(headers, end_stream):
-            return STOP_ITERATION
+        await self._open(headers, end_stream)
         self.replayable = end_stream
         if end_stream:
-            r.request_done_at = trio.current_time()
             await self.run_response()
         else:
             cb.start_task(self.run_response)
         return STOP_ITERATION
 
+    async def _new_stream(self, headers: HeaderMap, end_stream: bool) -> H2UpstreamStream | None:
+        r = self.r
+        with trio.CancelScope() as scope:
+            r.wait_scope = scope
+            try:
+                return await self.pool.new_stream(  # type: ignore[no-any-return]
+                    headers, end_stream, r.resources)
+            finally:
+                r.wait_scope = None
+        return None
+
     async def _open(self, headers: HeaderMap, end_stream: bool) -> bool:
+        """Open the attempt's stream; False when it failed (``r.failure`` says how)."""
         r = self.r
         cb = r.cb
         info = cb.stream_info
-        self.pool = h2_pool_for(r.cluster, r.host, cb.worker.timers)
+        host = r.host
+        r.attempt_started = False
+        info.attempt_count += 1
+        if r.action.include_attempt_count:
+            headers.set("x-envoy-attempt-count", str(info.attempt_count))
+        self.pool = h2_pool_for(r.cluster, host, cb.worker.timers)
+        from proxy.router.router import _UpstreamReset
+
         try:
-            st = await self.pool.new_stream(headers, end_stream)
+            st = await self._new_stream(headers, end_stream)
+        except UpstreamOverflow:
+            r.failure = _UpstreamReset(Outcome.UPSTREAM_OVERFLOW)
+            return False
         except UpstreamConnectError as exc:
             info.upstream_transport_failure_reason = str(exc)
             outcome = (
@@ -109,24 +131,67 @@ class H2UpstreamRequest:
                 if exc.reason == "connection_timeout"
                 else Outcome.UPSTREAM_CONNECT_FAILURE
             )
-            r.response_done = True
-            await cb.send_outcome(outcome)
+            if host.outlier is not None:
+                host.outlier.put_result(CONNECT_FAILED)
+            r.failure = _UpstreamReset(outcome, remote=False)
             return False
+        if st is None:  # the route timeout fired while we waited
+            r.failure = None
+            return False
+        r.resources.requests.inc()
+        r.rq_held = True
+        if host.outlier is not None:
+            host.outlier.put_result(CONNECT_SUCCESS)
         self.stream = st
+        r.attempt_started = True
         info.upstream_local_address = st.local_address
         if st.ssl_info is not None:
             info.upstream_ssl = st.ssl_info
-        info.attempt_count += 1
         r.sent_at = time.monotonic()
         if info.first_upstream_tx_byte is None:
             info.first_upstream_tx_byte = r.sent_at
         if end_stream:
             r.request_sent_all = True
             info.last_upstream_tx_byte = time.monotonic()
+            r._arm_per_try()
+        return True
+
+    def _replay(self) -> None:
+        """A retry's buffered body (and the end of the request, if it came) on the new stream."""
+        r = self.r
+        st = self.stream
+        assert st is not None
+        for chunk in r.buffer or ():
+            st.send_data(chunk, False)
+            r.body_sent = True
+        if r.request_complete:
+            if r.trailers is not None:
+                st.send_trailers(r.trailers)
+            else:
+                st.send_data(b"", True)
+            r.request_sent_all = True
+            r.cb.stream_info.last_upstream_tx_byte = time.monotonic()
+            r._arm_per_try()
+        if r.retry is None:
+            r.buffer = None
+
+    async def next_attempt(self) -> bool:
+        """The router granted a retry and chose the host: open the new attempt."""
+        r = self.r
+        assert r._headers is not None
+        bodiless = r.request_complete and not r.buffer and r.trailers is None
+        self.replayable = bodiless
+        self.replayed = False
+        if await self._open(r._headers, bodiless) and not bodiless:
+            self._replay()
         return True
 
     async def decode_data(self, data: bytes, end_stream: bool) -> FilterStatus:
         r = self.r
+        if end_stream:
+            r.request_complete = True
+        if r.buffer is not None and not r._buffer_body(data):
+            return STOP_ITERATION
         st = self.stream
         if st is None or r.response_done or st.closed:
             if end_stream:
@@ -140,14 +205,19 @@ class H2UpstreamRequest:
         return STOP_ITERATION
 
     async def decode_trailers(self, trailers: HeaderMap) -> FilterStatus:
+        r = self.r
+        r.request_complete = True
+        r.trailers = trailers
         st = self.stream
-        if st is not None and not self.r.response_done:
+        if st is not None and not r.response_done:
             st.send_trailers(trailers)
-        self.r._mark_request_done()
+        r._mark_request_done()
         return STOP_ITERATION
 
     # -- response -------------------------------------------------------------------------
     async def run_response(self) -> None:
+        from proxy.router.router import _RetryResponse, _RouteTimeout, _UpstreamReset
+
         r = self.r
         if r.request_done_at is not None:
             r._arm_timeout()
@@ -155,21 +225,49 @@ class H2UpstreamRequest:
         if idle is not None and (r.timeout is None or r.timeout > idle):
             r.stream_idle = idle
         try:
-            await self._relay()
+            while True:
+                try:
+                    if self.stream is None:
+                        if r.buffer_overflowed and not r.timed_out:
+                            r.response_done = True
+                            await r.cb.send_outcome(Outcome.RETRY_BUFFER_OVERFLOW)
+                            break
+                        if r.timed_out or r.failure is None:
+                            raise _RouteTimeout
+                        raise r.failure
+                    try:
+                        await self._relay()
+                    except UpstreamStreamReset as reset:
+                        if r.timed_out:
+                            raise _RouteTimeout from None
+                        host = r.host
+                        if host is not None and host.outlier is not None:
+                            host.outlier.put_result(CONNECT_FAILED)
+                        outcome = _OUTCOMES.get(reset.reason,
+                                                Outcome.UPSTREAM_RESET_BEFORE_RESPONSE)
+                        raise _UpstreamReset(outcome, reset.detail,
+                                             remote=reset.reason != PROTOCOL_ERROR) from None
+                    break
+                except (_UpstreamReset, _RetryResponse) as failure:
+                    if r.timed_out:
+                        raise _RouteTimeout from None
+                    if await r._retry(failure):
+                        continue
+                    assert isinstance(failure, _UpstreamReset)
+                    await self._on_reset(failure)
+                    break
         except _RouteTimeout:
             await self._on_route_timeout()
-        except UpstreamStreamReset as reset:
-            if r.timed_out:
-                await self._on_route_timeout()
-            else:
-                await self._on_reset(reset)
         finally:
             r.response_done = True
             if r.timer is not None:
                 r.timer.cancel()
                 r.timer = None
+            r._cancel_per_try()
 
     async def _relay(self) -> None:
+        from proxy.router.router import _RouteTimeout
+
         r = self.r
         cb = r.cb
         info = cb.stream_info
@@ -181,6 +279,8 @@ class H2UpstreamRequest:
                 await cb.flush()
                 if r.timed_out:
                     raise _RouteTimeout
+                if r.per_try_timed_out:
+                    raise r._per_try_timeout_failure()
                 if r.stream_idle is not None:
                     r.idle_timer = timers.call_later(r.stream_idle, r._on_stream_idle)
                 try:
@@ -190,11 +290,11 @@ class H2UpstreamRequest:
                             and not self.replayed and not r.response_started):
                         # Never processed upstream: replay once on a fresh stream.
                         self.replayed = True
-                        st.reset_stream()
-                        self.stream = None
+                        self.drop()
                         assert r._headers is not None
+                        info.attempt_count -= 1  # the same attempt, as the HTTP/1 race
                         if not await self._open(r._headers, True):
-                            return
+                            raise r.failure or _RouteTimeout() from None
                         continue
                     raise
                 finally:
@@ -206,6 +306,8 @@ class H2UpstreamRequest:
             if ev is None:  # a timer woke us
                 if r.timed_out:
                     raise _RouteTimeout
+                if r.per_try_timed_out:
+                    raise r._per_try_timeout_failure()
                 continue
             if info.first_upstream_rx_byte is None:
                 info.first_upstream_rx_byte = time.monotonic()
@@ -233,12 +335,20 @@ class H2UpstreamRequest:
         if r.cluster is not None:
             r.cluster.cluster_stats.upstream_rq_time.record((time.monotonic() - r.sent_at) * 1000)
         await cb.flush()
+        r._release_upstream_slot()
         st = self.stream
         if st is not None:
             if r.request_sent_all:
                 st.release()
             else:
                 st.reset_stream()  # the response ended first: stop the request (Envoy)
+
+    def drop(self) -> None:
+        """Abandon the attempt's stream (RST_STREAM NO_ERROR)."""
+        self.r._release_upstream_slot()
+        st, self.stream = self.stream, None
+        if st is not None:
+            st.reset_stream()
 
     async def _on_route_timeout(self) -> None:
         r = self.r
@@ -247,32 +357,39 @@ class H2UpstreamRequest:
         outcome = r.timeout_outcome
         if outcome is Outcome.UPSTREAM_REQUEST_TIMEOUT:
             r.cluster.cluster_stats.upstream_rq_timeout.inc()
-            if r.host is not None:
-                r.host.rq_timeout += 1
+            host = r.host
+            if host is not None:
+                host.rq_timeout += 1
+                if host.outlier is not None and self.stream is not None:
+                    host.outlier.put_result(TIMEOUT)
         else:
             cb.hcm_stats.rq_idle_timeout.inc()
-        if self.stream is not None:
-            self.stream.reset_stream()
+        self.drop()
         if r.response_started:
             cb.stream_info.set_response_flag(LOCAL_REPLIES[outcome].flag)
             cb.reset_stream(LOCAL_REPLIES[outcome].details)
         else:
             await cb.send_outcome(outcome)
 
-    async def _on_reset(self, reset: UpstreamStreamReset) -> None:
+    async def _on_reset(self, reset: Any) -> None:
+        from proxy.router.router import _OVERLOADED
+
         r = self.r
         cb = r.cb
-        if r.host is not None and not r.response_started:
+        outcome = reset.outcome
+        if (r.host is not None and not r.response_started
+                and outcome is not Outcome.UPSTREAM_PER_TRY_TIMEOUT
+                and outcome is not Outcome.UPSTREAM_OVERFLOW):
             r.host.rq_error += 1
-        if self.stream is not None:
-            self.stream.reset_stream()
+        self.drop()
         r.response_done = True
-        outcome = _OUTCOMES.get(reset.reason, Outcome.UPSTREAM_RESET_BEFORE_RESPONSE)
         if reset.detail:
             cb.stream_info.upstream_transport_failure_reason = reset.detail
         if r.response_started:
             cb.stream_info.set_response_flag(LOCAL_REPLIES[outcome].flag)
             cb.reset_stream(f"upstream_reset_after_response_started{{{reset.reason}}}")
+        elif outcome is Outcome.UPSTREAM_OVERFLOW and not r.config.suppress_envoy_headers:
+            await cb.send_outcome(outcome, _OVERLOADED)
         else:
             await cb.send_outcome(outcome)
 

@@ -20,7 +20,9 @@ Theory of operation:
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -146,6 +148,13 @@ class Instance:
         self.stats.gauge("server.hot_restart_epoch").set(options.restart_epoch)
         self.stats.gauge("server.concurrency").set(options.concurrency)
         self._worker_restarts = self.stats.counter("server.worker_restarts")
+        # Active health checking runs here, once per epoch; workers get the results.
+        from proxy.upstream.health_check_manager import HealthCheckManager
+
+        self.health_checks = HealthCheckManager(snapshot.clusters, self.stats,
+                                                self._on_host_health)
+        self._health_send, self._health_receive = trio.open_memory_channel[
+            tuple[str, str, int, bool]](math.inf)
 
     # -- sockets ---------------------------------------------------------------------
     def listener_keys(self) -> list[str]:
@@ -260,6 +269,9 @@ class Instance:
                 n.start_soon(channel.read_loop)
                 try:
                     await channel.send_bootstrap(self.serialized_bootstrap)
+                    # The second frame: what the worker must know before it accepts.
+                    await channel.send_bootstrap(json.dumps(
+                        {"host_health": self.health_checks.snapshot()}).encode())
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
                 with trio.move_on_after(WORKER_READY_TIMEOUT_S):
@@ -272,6 +284,9 @@ class Instance:
                     if self.health_check_failed:  # a replacement joins the failed state
                         n.start_soon(self._call_one, handle, "health_check",
                                      {"failed": True})
+                    if self.health_checks:  # changes since the spawn-time frame
+                        n.start_soon(self._call_one, handle, "host_health_snapshot",
+                                     {"clusters": self.health_checks.snapshot()})
                 elif proc.returncode is None:
                     log.error("worker %d did not start within %.0f s", handle.index,
                               WORKER_READY_TIMEOUT_S)
@@ -293,6 +308,15 @@ class Instance:
             )
             handle.ready = trio.Event()
             await trio.sleep(delay)
+
+    def _on_host_health(self, cluster: str, address: str, port: int, healthy: bool) -> None:
+        """A checker saw a host's health change: queue it for every worker, in order."""
+        self._health_send.send_nowait((cluster, address, port, healthy))
+
+    async def _send_host_health(self) -> None:
+        async for cluster, address, port, healthy in self._health_receive:
+            await self.worker_call("host_health", cluster=cluster, address=address, port=port,
+                                   healthy=healthy)
 
     async def _start_workers(self, nursery: trio.Nursery) -> None:
         """Start every worker at once (each costs an interpreter start and a config load:
@@ -436,7 +460,9 @@ class Instance:
         last: dict[str, Any] = {}
         while True:
             await trio.sleep(STATS_INTERVAL_S)
-            cur = (await self.current_stats()).histograms
+            stats = await self.current_stats()
+            self.health_checks.note_traffic(stats.counters)
+            cur = stats.histograms
             delta = Stats()
             for name, (counts, total, n) in cur.items():
                 p = last.get(name)
@@ -584,6 +610,10 @@ class Instance:
                         except HotRestartError as exc:
                             raise BootError(str(exc)) from None
                     self.state = "INITIALIZING"
+                    if self.health_checks:
+                        # Envoy's cluster warming: each host's first check before serving.
+                        nursery.start_soon(self._send_host_health)
+                        await nursery.start(self.health_checks.run)
                     await self._start_workers(nursery)
                     self.state = "LIVE"
                     if self.admin_socket is not None:

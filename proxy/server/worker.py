@@ -4,7 +4,8 @@ Started by the epoch's main process with fork+exec (``python -m proxy.server.wor
 by a fork inside a running trio loop. The main process passes:
 - the listening sockets as inherited fds (``--listen-fd <listener index>=<fd>``),
 - the validated bootstrap, serialized, framed on stdin (so every worker serves exactly the
-  config the main process validated, even if the file changed on disk meanwhile); stdin then
+  config the main process validated, even if the file changed on disk meanwhile), then a
+  JSON frame of spawn-time state (active health check results); stdin then
   carries the main process's commands (``worker_control.py``: stats flush, health-check
   state, stop accepting, drain, per-host counters for admin /clusters, log level).
 The worker writes ``READY\\n`` to its control fd (a pipe of its own, ``--control-fd``: its
@@ -17,6 +18,7 @@ now, USR1 = reopen access logs.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -67,8 +69,12 @@ async def serve(
     parent_pid: int = 0,
     stats_writer: object = None,
     control: tuple[trio.abc.ReceiveStream, trio.abc.SendStream] | None = None,
+    host_health: dict[str, Any] | None = None,
 ) -> None:
-    """Run the worker until SIGTERM's drain completes or SIGINT."""
+    """Run the worker until SIGTERM's drain completes or SIGINT.
+
+    ``host_health`` is the main process's active health check results at spawn time
+    (cluster -> ``[[address, port, healthy], ...]``), applied before accepting."""
     from proxy.access_log import file_sink
     from proxy.stats import Store
     from proxy.upstream.cluster_manager import ClusterManager
@@ -82,6 +88,7 @@ async def serve(
         index=index,
         stats=stats,
     )
+    _apply_host_health(worker, host_health or {})
     listeners = []
     for li, lc in enumerate(snapshot.listeners):  # type: ignore[attr-defined]
         sock = trio.socket.from_stdlib_socket(sockets[li])
@@ -186,6 +193,14 @@ def _control_handlers(
     def log_level(msg: dict[str, Any]) -> None:
         set_log_level(msg["level"], msg.get("logger"))
 
+    def host_health(msg: dict[str, Any]) -> int:
+        # One host's active health changed (the main process's health checker).
+        return _apply_host_health(
+            worker, {msg["cluster"]: [(msg["address"], msg["port"], msg["healthy"])]})
+
+    def host_health_snapshot(msg: dict[str, Any]) -> int:
+        return _apply_host_health(worker, msg["clusters"])
+
     def clusters(msg: dict[str, Any]) -> list[dict[str, Any]]:
         return [
             {"name": c.name, "hosts": [_host_state(h) for h in c.hosts]}
@@ -200,7 +215,18 @@ def _control_handlers(
 
     return {"flush": flush, "stats": stats_, "health_check": health_check, "stop_accepting": stop_accepting,
             "drain": drain, "reset_counters": reset_counters, "log_level": log_level,
-            "clusters": clusters}
+            "clusters": clusters, "host_health": host_health,
+            "host_health_snapshot": host_health_snapshot}
+
+
+def _apply_host_health(worker: WorkerContext, clusters: dict[str, Any]) -> int:
+    """Apply ``{cluster: [[address, port, healthy], ...]}``; how many hosts changed."""
+    changed = 0
+    for name, states in clusters.items():
+        cluster = worker.cluster_manager.get(name)
+        if cluster is not None:
+            changed += cluster.apply_health(states)
+    return changed
 
 
 def _host_state(h: Any) -> dict[str, Any]:
@@ -225,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
 
     data = read_bootstrap(0)
     snapshot = build_snapshot(bootstrap_from_bytes(data))
+    # The second frame: state the main process holds at spawn time (host health).
+    initial = json.loads(read_bootstrap(0) or b"{}")
     sockets: dict[int, socket.socket] = {}
     for spec in args.listen_fd:
         li, fd = spec.split("=")
@@ -249,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             parent_pid=args.parent_pid,
             stats_writer=writer,
             control=(control_in, control_out),
+            host_health=initial.get("host_health"),
         )
 
     try:

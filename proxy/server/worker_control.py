@@ -1,7 +1,8 @@
 """The control channel between an epoch's main process and each of its workers.
 
 The main process starts a worker with two pipes: the worker's stdin and stdout. Over stdin
-it first sends the serialized bootstrap (``<length>\\n<bytes>``), then JSON lines, one per
+it first sends the serialized bootstrap (``<length>\\n<bytes>``), then a second frame (JSON:
+state the worker needs before it accepts, e.g. host health), then JSON lines, one per
 command: ``{"seq": 7, "op": "flush"}``. Over stdout the worker answers ``READY`` once it
 accepts, then one JSON line per command: ``{"seq": 7, "ok": <result>}`` or
 ``{"seq": 7, "error": "..."}``. This is how the admin API reaches state that only workers

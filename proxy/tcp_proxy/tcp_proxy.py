@@ -6,7 +6,8 @@ Theory of operation
    runs one session per downstream connection, in the worker that accepted it.
 2. Connecting (Envoy's ``establishUpstreamConnection``): each attempt picks the cluster
    (``cluster`` or a weighted pick) and a host, then connects with the cluster's
-   ``connect_timeout``. Missing cluster → ``NC``; no host → ``UH``; a failed attempt → ``UF``
+   ``connect_timeout``. Missing cluster → ``NC``; the cluster's ``max_connections`` circuit
+   breaker full → ``UO`` (``upstream_cx_overflow``); no host → ``UH``; a failed attempt → ``UF``
    and, while ``max_connect_attempts`` allows, another attempt with a fresh pick; out of
    attempts → ``URX``. Every such end closes the downstream connection with the connection
    termination details ``tcp_initializion_failure:<reason>`` (Envoy's spelling and numbers).
@@ -264,6 +265,7 @@ class _Session:
     async def _establish_upstream_connection(self) -> bool:
         """Connect, retrying per max_connect_attempts; False (downstream to close) on failure."""
         # Imported on use so that compiling a config (--mode validate) loads no I/O code.
+        from proxy.upstream import outlier_detection as outlier
         from proxy.upstream.connect import UpstreamConnectError, connect_upstream
         from proxy.upstream.original_dst_cluster import downstream_context
 
@@ -282,6 +284,12 @@ class _Session:
                 info.set_response_flag(ResponseFlag.UPSTREAM_RETRY_LIMIT_EXCEEDED)
                 cstats.counter("upstream_cx_connect_attempts_exceeded").inc()
                 return self._init_failure(CONNECT_FAILED)
+            # Envoy: the cluster's max_connections breaker (DEFAULT priority) is checked first.
+            connections = cluster.resources[0].connections
+            if not connections.can_create():
+                cluster.cluster_stats.upstream_cx_overflow.inc()
+                info.set_response_flag(ResponseFlag.UPSTREAM_OVERFLOW)
+                return self._init_failure(RESOURCE_LIMIT_EXCEEDED)
             host = cluster.choose_host(
                 downstream_context(self.conn) if cluster.original_dst else None)
             if host is None:
@@ -292,10 +300,16 @@ class _Session:
             info.attempt_count = attempts
             info.upstream_host = host.address_string
             cstats.counter("upstream_cx_total").inc()
+            connections.inc()
             try:
                 upstream = await connect_upstream(
                     host, cluster.config.connect_timeout, cluster=cluster)
-            except UpstreamConnectError as exc:
+            except BaseException as exc:
+                connections.dec()
+                if not isinstance(exc, UpstreamConnectError):
+                    raise
+                if host.outlier is not None:
+                    host.outlier.put_result(outlier.CONNECT_FAILED)
                 reason = getattr(exc, "reason", "connection_failure")
                 cstats.counter("upstream_cx_connect_fail").inc()
                 if reason == "connection_timeout":
@@ -305,6 +319,8 @@ class _Session:
                 info.upstream_transport_failure_reason = exc.details if exc.tls else reason
                 continue
             self.upstream, self.cluster, self.host = upstream, cluster, host
+            if host.outlier is not None:
+                host.outlier.put_result(outlier.CONNECT_SUCCESS_FINAL)
             cstats.gauge("upstream_cx_active").inc()
             host.cx_active += 1
             try:
@@ -371,6 +387,7 @@ class _Session:
             finally:
                 self.cluster.stats.gauge("upstream_cx_active").dec()
                 self.cluster.stats.counter("upstream_cx_destroy").inc()
+                self.cluster.resources[0].connections.dec()
                 self.host.cx_active -= 1
         if not self.conn.closed:
             await self.conn.aclose()

@@ -186,6 +186,15 @@ class ClusterConfig:
     # http2_protocol_options) or "auto" (ALPN over TLS); see _upstream_protocol.
     upstream_protocol: str = "http1"
     http2_options: Any = None  # proxy.http.codec.h2.Http2Options for "http2" and "auto"
+    # Resilience (issue #6): proxy.upstream.resource_manager.CircuitBreakers (Envoy's
+    # defaults when unset), proxy.upstream.outlier_detection.OutlierDetectionConfig or None,
+    # and the upstream connections' max_connection_duration (s; None: unbounded).
+    circuit_breakers: Any = None
+    outlier_detection: Any = None
+    max_connection_duration: float | None = None
+    # Active health checking (proxy.upstream.health_checker.HealthCheckConfig), run by the
+    # epoch's main process; hosts of such a cluster start failed until their first check.
+    health_checks: tuple[Any, ...] = ()
 
     @property
     def is_dns(self) -> bool:
@@ -214,7 +223,7 @@ class ClusterConfig:
             raise ConfigError(f"{path}.dns_lookup_family",
                               f"unknown value {cluster.dns_lookup_family}")
         idle_timeout, max_requests = _http_options(cluster, path)
-        threshold = DEFAULT_HEALTHY_PANIC_THRESHOLD
+        threshold = _healthy_panic_threshold(cluster, path)
         if ctx.runtime is not None:
             threshold = min(100, ctx.runtime.get_int(RUNTIME_PANIC_THRESHOLD, threshold))
         return ClusterConfig(
@@ -237,6 +246,8 @@ class ClusterConfig:
             cleanup_interval=cleanup_interval,
             original_dst=original_dst,
             transport_socket=_transport_socket(cluster, ctx, path),
+            **_resilience(cluster, path),
+            health_checks=_health_checks(cluster, ctype, ctx, path),
             **_upstream_protocol(cluster, path),
         )
 
@@ -474,6 +485,47 @@ def _http_options(cluster: Any, path: str) -> tuple[float | None, int | None]:
     return idle_timeout, max_requests
 
 
+def _healthy_panic_threshold(cluster: Any, path: str) -> int:
+    """``common_lb_config.healthy_panic_threshold`` (rounded percent; 0 disables panic), the
+    default of the ``upstream.healthy_panic_threshold`` runtime key, as in Envoy."""
+    if not cluster.common_lb_config.HasField("healthy_panic_threshold"):
+        return DEFAULT_HEALTHY_PANIC_THRESHOLD
+    value = cluster.common_lb_config.healthy_panic_threshold.value
+    if not 0.0 <= value <= 100.0:
+        raise ConfigError(f"{path}.common_lb_config.healthy_panic_threshold.value",
+                          "value must be inside range [0, 100]")
+    return round(value)
+
+
+def _resilience(cluster: Any, path: str) -> dict[str, Any]:
+    """Circuit breakers, outlier detection and max_connection_duration (issue #6)."""
+    from proxy.upstream.outlier_detection import OutlierDetectionConfig
+    from proxy.upstream.resource_manager import CircuitBreakers
+
+    out: dict[str, Any] = {"circuit_breakers": CircuitBreakers()}
+    if cluster.HasField("circuit_breakers"):
+        out["circuit_breakers"] = CircuitBreakers.from_proto(
+            cluster.circuit_breakers, f"{path}.circuit_breakers")
+    if cluster.HasField("outlier_detection"):
+        out["outlier_detection"] = OutlierDetectionConfig.from_proto(
+            cluster.outlier_detection, f"{path}.outlier_detection")
+    options = cluster.common_http_protocol_options
+    opath = f"{path}.common_http_protocol_options"
+    typed = cluster.typed_extension_protocol_options
+    if HTTP_PROTOCOL_OPTIONS_KEY in typed:
+        msg = http_protocol_options_pb2.HttpProtocolOptions()
+        typed[HTTP_PROTOCOL_OPTIONS_KEY].Unpack(msg)
+        options = msg.common_http_protocol_options
+        opath = (f'{path}.typed_extension_protocol_options["{HTTP_PROTOCOL_OPTIONS_KEY}"]'
+                 ".common_http_protocol_options")
+    duration = duration_s(options, "max_connection_duration")
+    if duration is not None:
+        if duration < 0:
+            raise ConfigError(f"{opath}.max_connection_duration", "must not be negative")
+        out["max_connection_duration"] = duration or None  # 0: unbounded
+    return out
+
+
 def _transport_socket(cluster: Any, ctx: FactoryContext, path: str) -> Any:
     """The cluster's ``transport_socket`` compiled (a TLS context), or None for plaintext."""
     if not cluster.HasField("transport_socket"):
@@ -483,6 +535,24 @@ def _transport_socket(cluster: Any, ctx: FactoryContext, path: str) -> Any:
 
     return build_transport_socket(cluster.transport_socket, upstream_transport_sockets, ctx,
                                   f"{path}.transport_socket")
+
+
+def _health_checks(cluster: Any, ctype: DiscoveryType, ctx: FactoryContext,
+                   path: str) -> tuple[Any, ...]:
+    """``health_checks``: one active checker per cluster, of a STATIC cluster."""
+    if not cluster.health_checks:
+        return ()
+    from proxy.upstream.health_checker import HealthCheckConfig
+
+    hpath = f"{path}.health_checks"
+    if len(cluster.health_checks) > 1:
+        raise not_supported(f"{hpath}[1]", "more than one health check per cluster")
+    if ctype is not DiscoveryType.STATIC:
+        # DNS clusters resolve in the workers; the main process, which checks, does not.
+        raise not_supported(hpath, f"active health checking of a {ctype.value} cluster"
+                                   " (STATIC clusters only)")
+    return (HealthCheckConfig.from_proto(cluster.health_checks[0], f"{hpath}[0]",
+                                         ctx.runtime),)
 
 
 def _is_prime(n: int) -> bool:

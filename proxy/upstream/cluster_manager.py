@@ -27,13 +27,17 @@ Theory of operation
 6. ORIGINAL_DST clusters start empty; their balancer makes a host per original destination
    on demand, and ``run`` drops stale ones every ``cleanup_interval``
    (``proxy.upstream.original_dst_cluster``).
+7. Active health checking runs in the epoch's main process
+   (``proxy.upstream.health_check_manager``): the hosts of a cluster with ``health_checks``
+   start failed (``healthy = False``, Envoy's FAILED_ACTIVE_HC) and take the main process's
+   results through ``apply_health`` (the worker's spawn-time frame, then control ops).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -48,6 +52,8 @@ from proxy.upstream.cluster_config import (
 from proxy.upstream.host import Host
 from proxy.upstream.load_balancer import LoadBalancerContext, create_load_balancer
 from proxy.upstream.original_dst_cluster import OriginalDstLoadBalancer
+from proxy.upstream.outlier_detection import OutlierDetector
+from proxy.upstream.resource_manager import DEFAULT, HIGH, CircuitBreakers, ResourceManager
 
 __all__ = [
     "CLUSTER_COUNTERS",
@@ -86,6 +92,18 @@ CLUSTER_COUNTERS = (
     "upstream_rq_completed",
     "upstream_rq_timeout",
     "upstream_rq_retry",
+    # resilience (issue #6): circuit breakers, retries, timeouts
+    "upstream_cx_overflow",
+    "upstream_cx_idle_timeout",
+    "upstream_cx_max_duration_reached",
+    "upstream_rq_pending_total",
+    "upstream_rq_pending_overflow",
+    "upstream_rq_per_try_timeout",
+    "upstream_rq_retry_success",
+    "upstream_rq_retry_overflow",
+    "upstream_rq_retry_limit_exceeded",
+    "upstream_rq_retry_backoff_exponential",
+    "retry_or_shadow_abandoned",
     "lb_healthy_panic",
     "membership_change",
     "update_attempt",
@@ -96,6 +114,7 @@ CLUSTER_COUNTERS = (
 CLUSTER_GAUGES = (
     "upstream_cx_active",
     "upstream_rq_active",
+    "upstream_rq_pending_active",
     "membership_total",
     "membership_healthy",
 )
@@ -125,6 +144,18 @@ class ClusterStats:
     upstream_rq_completed: Counter
     upstream_rq_timeout: Counter
     upstream_rq_retry: Counter
+    upstream_cx_overflow: Counter
+    upstream_cx_idle_timeout: Counter
+    upstream_cx_max_duration_reached: Counter
+    upstream_rq_pending_total: Counter
+    upstream_rq_pending_overflow: Counter
+    upstream_rq_per_try_timeout: Counter
+    upstream_rq_retry_success: Counter
+    upstream_rq_retry_overflow: Counter
+    upstream_rq_retry_limit_exceeded: Counter
+    upstream_rq_retry_backoff_exponential: Counter
+    retry_or_shadow_abandoned: Counter
+    upstream_rq_pending_active: Gauge
     membership_change: Counter
     update_attempt: Counter
     update_success: Counter
@@ -161,6 +192,10 @@ class ThreadLocalCluster:
         hosts: list[Host] = []
         if config.type is DiscoveryType.STATIC:
             hosts = [_host_for(e, e.address) for e in config.endpoints]
+            if config.health_checks:
+                # Envoy's FAILED_ACTIVE_HC until the main process's first check passes.
+                for h in hosts:
+                    h.healthy = False
         self.hosts: list[Host] = hosts
         # ORIGINAL_DST: hosts made per connection from its original destination.
         self.original_dst = config.type is DiscoveryType.ORIGINAL_DST
@@ -171,6 +206,17 @@ class ThreadLocalCluster:
         else:
             self._lb = create_load_balancer(config, hosts, rng)
         self._lb.panic_counter = self.cluster_stats.lb_healthy_panic
+        # Circuit breakers, one ResourceManager per routing priority (DEFAULT, HIGH).
+        cb = config.circuit_breakers or CircuitBreakers()
+        self.resources = (ResourceManager(cb.default, self.stats, DEFAULT),
+                          ResourceManager(cb.high, self.stats, HIGH))
+        # Outlier detection: sans-IO detector; ClusterManager.run calls on_interval.
+        self.outlier: OutlierDetector | None = None
+        if config.outlier_detection is not None:
+            self.outlier = OutlierDetector(config.outlier_detection, self.stats,
+                                           trio.current_time, rng,
+                                           lambda host: self.refresh_health())
+            self.outlier.set_hosts(hosts)
         self._set_membership_gauges()
 
     def choose_host(self, ctx: LoadBalancerContext | None = None) -> Host | None:
@@ -180,6 +226,16 @@ class ThreadLocalCluster:
     def update_hosts(self, hosts: Sequence[Host]) -> None:
         """Replace the membership (after DNS) and rebuild the balancer."""
         self.hosts = list(hosts)
+        if self.outlier is not None:
+            self.outlier.set_hosts(self.hosts)
+        if self.pools:
+            # Forget the pools of hosts that left and hold no connection (ORIGINAL_DST
+            # cleanup, DNS changes); their idle connections closed on the idle timer.
+            live = {id(h) for h in self.hosts}
+            for key, pool in list(self.pools.items()):
+                if id(pool.host) not in live and not (
+                        getattr(pool, "cx_count", 0) or getattr(pool, "conns", None)):
+                    del self.pools[key]
         self._lb.update_hosts(self.hosts)
         self.cluster_stats.membership_change.inc()
         self._set_membership_gauges()
@@ -189,9 +245,24 @@ class ThreadLocalCluster:
         self._lb.update_hosts(self.hosts)
         self._set_membership_gauges()
 
+    def apply_health(self, states: Iterable[Sequence[Any]]) -> int:
+        """Active health check results from the main process: ``(address, port, healthy)``
+        each; the balancer is rebuilt once if any host changed. Returns how many did."""
+        by_key = {(h.address, h.port): h for h in self.hosts}
+        changed = 0
+        for address, port, healthy in states:
+            host = by_key.get((address, int(port)))
+            if host is not None and host.healthy != bool(healthy):
+                host.healthy = bool(healthy)
+                changed += 1
+        if changed:
+            self.refresh_health()
+        return changed
+
     def _set_membership_gauges(self) -> None:
         self.cluster_stats.membership_total.set(len(self.hosts))
-        self.cluster_stats.membership_healthy.set(sum(1 for h in self.hosts if h.healthy))
+        self.cluster_stats.membership_healthy.set(
+            sum(1 for h in self.hosts if h.healthy and not h.ejected))
 
     def __repr__(self) -> str:
         return f"<ThreadLocalCluster {self.name} {self.config.type} hosts={len(self.hosts)}>"
@@ -285,14 +356,26 @@ class ClusterManager:
         ORIGINAL_DST clusters drop their stale hosts every ``cleanup_interval`` meanwhile.
         """
         cleanups = [c for c in self.clusters.values() if c.original_dst]
-        if not cleanups:
+        detectors = [c for c in self.clusters.values() if c.outlier is not None]
+        if not cleanups and not detectors:
             await self._resolve_dns(task_status=task_status)
             return
         async with trio.open_nursery() as nursery:
             for cluster in cleanups:
                 nursery.start_soon(self._cleanup_loop, cluster)
+            for cluster in detectors:
+                nursery.start_soon(self._outlier_loop, cluster)
             await nursery.start(self._resolve_dns)
             task_status.started()
+
+    @staticmethod
+    async def _outlier_loop(cluster: ThreadLocalCluster) -> None:
+        """Outlier detection's interval timer: unejections and success-rate analysis."""
+        detector = cluster.outlier
+        assert detector is not None
+        while True:
+            await trio.sleep(detector.config.interval)
+            detector.on_interval()
 
     @staticmethod
     async def _cleanup_loop(cluster: ThreadLocalCluster) -> None:

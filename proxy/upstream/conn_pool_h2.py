@@ -39,6 +39,7 @@ import trio
 from proxy.http.codec.events import CodecError, Data, GoAway, LocalProtocolError, StreamReset
 from proxy.http.codec.h2 import NO_ERROR, REFUSED_STREAM, Http2ClientCodec, Http2Options
 from proxy.network import fast_io
+from proxy.upstream.conn_pool import UpstreamOverflow
 from proxy.upstream.connect import UpstreamConnectError, connect_upstream, io_socket
 
 if TYPE_CHECKING:
@@ -190,6 +191,7 @@ class H2UpstreamConnection:
         self._waiters: dict[int, tuple[int, trio.Event]] = {}
         self._idle_timer: Any = None
         self._settings_event: trio.Event | None = None
+        self.resources: Any = None  # the ResourceManager its connection slot is counted in
 
     # -- capacity -------------------------------------------------------------------------
     def capacity(self) -> int:
@@ -381,6 +383,8 @@ class H2UpstreamConnection:
 
     def stream_closed(self, st: H2UpstreamStream, reset: bool = False) -> None:
         self.streams.pop(st.stream_id, None)
+        if self.pool._room is not None:
+            self.pool._has_room()
         self._waiters.pop(st.stream_id, None)
         # Response bytes the router never consumed still hold the connection window.
         unread = sum(len(ev.data) for ev in st.events if type(ev) is Data)
@@ -416,28 +420,70 @@ class Http2ConnPool:
         self.connect_timeout: float = cfg.connect_timeout
         self.conns: list[H2UpstreamConnection] = []
         self.stats_cx_http2_total = cluster.stats.counter("upstream_cx_http2_total")
+        self._room: trio.Event | None = None  # set when streams waiting for room may retry
         self.stats_goaway = cluster.stats.counter("upstream_cx_close_notify")
 
-    async def new_stream(self, headers: HeaderMap, end_stream: bool) -> H2UpstreamStream:
+    async def new_stream(self, headers: HeaderMap, end_stream: bool,
+                         resources: Any = None) -> H2UpstreamStream:
         """A stream with ``headers`` sent; raises ``UpstreamConnectError`` when no
-        connection can be made."""
-        for _ in range(64):
-            uc = self._pick()
-            if uc is None:
-                uc = self._connect()
-            if not uc.ready.is_set():
-                await uc.ready.wait()
-            if uc.error is not None:
-                raise uc.error
-            if uc.closed or uc.capacity() <= 0:
-                continue
-            try:
-                return uc.open_stream(headers, end_stream)
-            except LocalProtocolError:
-                # The server lowered its limit: this connection is full after all.
-                uc.draining = uc.draining or not uc.streams
-                continue
-        raise UpstreamConnectError("connection_failure", "no HTTP/2 connection with room")
+        connection can be made and ``UpstreamOverflow`` when a circuit breaker refuses.
+
+        Circuit breakers as Envoy's pool: a stream with no ready connection to go on is
+        pending (``max_pending_requests``); a new connection needs a ``max_connections``
+        slot unless the host has none at all (else ``upstream_cx_overflow`` and the stream
+        waits for room); opening the stream needs a ``max_requests`` slot (the router
+        takes it once the stream is open).
+        """
+        if resources is None:
+            resources = self.cluster.resources[0]
+        stats = self.cluster.cluster_stats
+        pending = None
+        try:
+            for _ in range(64):
+                uc = self._pick()
+                if uc is None or not uc.ready.is_set():
+                    if pending is None:
+                        if not resources.pending_requests.can_create():
+                            stats.upstream_rq_pending_overflow.inc()
+                            raise UpstreamOverflow
+                        pending = resources.pending_requests
+                        pending.inc()
+                        stats.upstream_rq_pending_total.inc()
+                        stats.upstream_rq_pending_active.inc()
+                    if uc is None:
+                        can_connect = resources.connections.can_create()
+                        if not can_connect:
+                            stats.upstream_cx_overflow.inc()
+                        if not can_connect and self.conns:
+                            room = self._room = self._room or trio.Event()
+                            await room.wait()
+                            continue
+                        uc = self._connect(resources)
+                    await uc.ready.wait()
+                if uc.error is not None:
+                    raise uc.error
+                if uc.closed or uc.capacity() <= 0:
+                    continue
+                if not resources.requests.can_create():
+                    stats.upstream_rq_pending_overflow.inc()  # Envoy's max streams overflow
+                    raise UpstreamOverflow
+                try:
+                    return uc.open_stream(headers, end_stream)
+                except LocalProtocolError:
+                    # The server lowered its limit: this connection is full after all.
+                    uc.draining = uc.draining or not uc.streams
+                    continue
+            raise UpstreamConnectError("connection_failure", "no HTTP/2 connection with room")
+        finally:
+            if pending is not None:
+                pending.dec()
+                stats.upstream_rq_pending_active.dec()
+
+    def _has_room(self) -> None:
+        """A stream or a connection ended: streams waiting for room try again."""
+        room, self._room = self._room, None
+        if room is not None:
+            room.set()
 
     def _pick(self) -> H2UpstreamConnection | None:
         for uc in reversed(self.conns):
@@ -445,8 +491,10 @@ class Http2ConnPool:
                 return uc
         return None
 
-    def _connect(self) -> H2UpstreamConnection:
+    def _connect(self, resources: Any) -> H2UpstreamConnection:
         uc = H2UpstreamConnection(self)
+        uc.resources = resources
+        resources.connections.inc()
         self.conns.append(uc)
         stats = self.cluster.cluster_stats
         stats.upstream_cx_total.inc()
@@ -468,10 +516,14 @@ class Http2ConnPool:
         self.host.cx_connect_fail += 1
         if uc in self.conns:
             self.conns.remove(uc)
+        uc.resources.connections.dec()
+        self._has_room()
 
     def on_closed(self, uc: H2UpstreamConnection, *, remote: bool, active_rq: bool) -> None:
         if uc in self.conns:
             self.conns.remove(uc)
+        uc.resources.connections.dec()
+        self._has_room()
         stats = self.cluster.cluster_stats
         self.host.cx_active -= 1
         stats.upstream_cx_active.dec()

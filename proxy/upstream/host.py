@@ -11,6 +11,8 @@ so assign through it, never to ``address`` directly.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["Host", "format_host_address"]
 
 
@@ -33,6 +35,8 @@ class Host:
         "rq_active",
         "cx_active",
         "healthy",
+        "ejected",
+        "outlier",
         "cx_total",
         "cx_connect_fail",
         "rq_total",
@@ -64,6 +68,10 @@ class Host:
         self.rq_active = 0
         self.cx_active = 0
         self.healthy = True
+        # Outlier detection (proxy.upstream.outlier_detection), apart from active health
+        # checking's ``healthy``: the balancer uses a host when ``healthy and not ejected``.
+        self.ejected = False
+        self.outlier: Any = None  # its HostMonitor when the cluster has outlier_detection
         # Envoy's per-host stats (shown by admin /clusters, not in /stats): plain ints of
         # this worker, summed over the epoch's workers when admin asks.
         self.cx_total = 0

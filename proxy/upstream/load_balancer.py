@@ -160,7 +160,8 @@ class LoadBalancer:
         levels: list[list[Host]] = [[] for _ in range(n_levels)]
         for h in self.hosts:
             levels[h.priority].append(h)
-        healthy = [[h for h in level if h.healthy] for level in levels]
+        # An outlier-ejected host counts as unhealthy (Envoy's FAILED_OUTLIER_CHECK flag).
+        healthy = [[h for h in level if h.healthy and not h.ejected] for level in levels]
         pl = compute_priority_load(
             [(len(hl), len(level)) for hl, level in zip(healthy, levels, strict=True)],
             self._panic_threshold)

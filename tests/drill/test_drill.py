@@ -62,7 +62,11 @@ def test_chaos_drill_with_a_fixed_seed_passes(tmp_path: Path) -> None:
     kinds = {a["kind"] for a in rep["actions"]}
     assert {"hup", "kill", "config_flip", "broken_config"} <= kinds
     targets = {k["target"].split(" (")[0] for k in rep["kills"]}
-    assert {"worker", "oldest epoch mid-drain"} <= targets
+    assert "worker" in targets
+    # The old epoch may finish draining before the kill lands (an idle one leaves fast):
+    # the drill says so instead of killing.
+    assert "oldest epoch mid-drain" in targets or any(
+        "had already exited" in n for n in rep["notes"]), rep["notes"]
     assert any(t.startswith("newest epoch") for t in targets)
     assert rep["connections"]["refused"] == 0
     assert rep["requests"]["unexplained"] == 0

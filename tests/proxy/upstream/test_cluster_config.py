@@ -233,8 +233,8 @@ def test_accepted_lb_policies(policy: LbPolicy) -> None:
 
 
 def test_unsupported_field_refused_by_the_allowlist() -> None:
-    err = refused(cluster(circuit_breakers={}))
-    assert err.path == f"{PATH}.circuit_breakers"
+    err = refused(cluster(upstream_connection_options={}))
+    assert err.path == f"{PATH}.upstream_connection_options"
 
 
 def test_name_required() -> None:
