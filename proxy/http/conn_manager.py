@@ -356,6 +356,10 @@ class ActiveStream:
         "request_complete", "hcm_stats", "source_ip", "expect_continue", "_read_scope",
     )
 
+    # H2ActiveStream (conn_manager_h2.py) says True: it reuses run() and sink_headers(),
+    # which test this class attribute where the protocols part (HTTP/1 pays no extra call).
+    multiplexed = False
+
     def __init__(self, hc: HttpConnection, ev: RequestHeaders) -> None:
         self.hc = hc
         self.config = hc.config
@@ -388,7 +392,10 @@ class ActiveStream:
     async def run(self) -> None:
         stats = self.hcm_stats
         stats.rq_total.inc()
-        stats.rq_http1_total.inc()
+        if self.multiplexed:
+            stats.rq_http2_total.inc()
+        else:
+            stats.rq_http1_total.inc()
         stats.rq_active.inc()
         info = self.stream_info
         headers = self.request_headers
@@ -409,9 +416,7 @@ class ActiveStream:
         try:
             await self._run_filters(headers)
         except* StreamReset:
-            self.hc.abort = True
-            info.set_response_flag(ResponseFlag.DOWNSTREAM_CONNECTION_TERMINATION)
-            stats.rq_rx_reset.inc()
+            self._on_stream_reset()
         except* CodecError as group:
             # A malformed body: the head was fine, so this is a stream error.
             await self._body_protocol_error(group.exceptions[0])  # type: ignore[arg-type]
@@ -431,6 +436,12 @@ class ActiveStream:
                 stats.on_response_flags(info.response_flags)
             for access_log in self.config.access_logs:
                 access_log.log(info)
+
+    def _on_stream_reset(self) -> None:
+        """The downstream went away mid-stream (``StreamReset``)."""
+        self.hc.abort = True
+        self.stream_info.set_response_flag(ResponseFlag.DOWNSTREAM_CONNECTION_TERMINATION)
+        self.hcm_stats.rq_rx_reset.inc()
 
     async def _run_filters(self, headers: HeaderMap) -> None:
         fm = self.fm
@@ -654,6 +665,9 @@ class ActiveStream:
             rid = self.request_headers.get("x-request-id")
             if rid is not None:
                 headers.set("x-request-id", rid)
+        if self.multiplexed:
+            self._send_response_headers(headers, end_stream)
+            return
         close = hc.close_after or not self.request_complete and not self.codec.request_complete
         if not close and self.worker.drain.drain_close():
             close = True

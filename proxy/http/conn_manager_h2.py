@@ -50,9 +50,7 @@ from proxy.http.codec.events import (
     StreamReset as H2StreamReset,
 )
 from proxy.http.codec.h2 import NO_ERROR, REFUSED_STREAM, Http2ServerCodec
-from proxy.http.conn_manager import ActiveStream, StreamReset, http_date
-from proxy.http.conn_manager_config import SERVER_APPEND_IF_ABSENT, SERVER_OVERWRITE
-from proxy.http.filter_manager import FilterManager
+from proxy.http.conn_manager import ActiveStream, StreamReset
 from proxy.stream_info import LOCAL_REPLIES, Outcome, ResponseFlag
 
 if TYPE_CHECKING:
@@ -413,50 +411,21 @@ class H2ActiveStream(ActiveStream):
 
     # -- the stream -----------------------------------------------------------------------
     async def run(self) -> None:
-        stats = self.hcm_stats
-        stats.rq_total.inc()
-        stats.rq_http2_total.inc()
-        stats.rq_active.inc()
-        info = self.stream_info
-        headers = self.request_headers
-        fm = None
+        """ActiveStream.run (stats, route, filters, access logs) under the stream's cancel
+        scope, which a reset from the client cancels."""
         try:
             with trio.CancelScope() as scope:
                 self.scope = scope
                 if self.was_reset:
                     scope.cancel()
-                self._mutate_request_headers(headers)
-                self.route = self.config.route_table.route(headers)
-                if self.route is not None:
-                    info.route_name = self.route.name or None
-                decoders: list[Any] = []
-                encoders: list[Any] = []
-                for factory in self.config.filter_factories:
-                    f = factory.create_filter(self)
-                    if hasattr(f, "decode_headers"):
-                        decoders.append(f)
-                    if hasattr(f, "encode_headers"):
-                        encoders.append(f)
-                encoders.reverse()
-                self.fm = fm = FilterManager(decoders, encoders, self)
-                await self._run_filters(headers)
-        except* StreamReset:
-            info.set_response_flag(ResponseFlag.DOWNSTREAM_CONNECTION_TERMINATION)
+                await super().run()
         finally:
-            if fm is not None:
-                fm.on_destroy()
-            stats.rq_active.dec()
-            info.on_complete()
-            if not info.health_check:
-                stats.rq_completed.inc()
-                if info.response_code:
-                    stats.on_response_code(info.response_code)
-            stats.rq_time_ms.record((info.end_monotonic - info.start_monotonic) * 1000)  # type: ignore[operator]
-            if info.response_flags:
-                stats.on_response_flags(info.response_flags)
-            for access_log in self.config.access_logs:
-                access_log.log(info)
             self.hc.stream_done(self)
+
+    def _on_stream_reset(self) -> None:
+        # The writer failed: the connection is going; the client's own resets are counted
+        # in on_remote_reset.
+        self.stream_info.set_response_flag(ResponseFlag.DOWNSTREAM_CONNECTION_TERMINATION)
 
     async def _run_filters(self, headers: HeaderMap) -> None:
         fm = self.fm
@@ -573,31 +542,10 @@ class H2ActiveStream(ActiveStream):
                 self._read_scope.cancel()  # stream_done resets the rest of the request
 
     # -- the encoder chain's sink ---------------------------------------------------------
-    def sink_headers(self, headers: HeaderMap, end_stream: bool) -> None:
-        config = self.config
-        info = self.stream_info
+    multiplexed = True  # ActiveStream.sink_headers finalizes, then calls the method below
+
+    def _send_response_headers(self, headers: HeaderMap, end_stream: bool) -> None:
         hc = self.hc
-        self.response_started = True
-        try:
-            info.response_code = int(headers.get(":status") or 0)
-        except ValueError:
-            info.response_code = 0
-        info.response_headers = headers
-        route = self.route
-        if route is not None:
-            route.finalize_response_headers(headers, info)
-        headers.set("date", http_date())
-        transform = config.server_header_transformation
-        if transform == SERVER_OVERWRITE:
-            headers.set("server", config.server_name)
-        elif transform == SERVER_APPEND_IF_ABSENT:
-            headers.set_default("server", config.server_name)
-        if config.via:
-            headers.append_value("via", config.via, ", ")
-        if config.always_set_request_id_in_response:
-            rid = self.request_headers.get("x-request-id")
-            if rid is not None:
-                headers.set("x-request-id", rid)
         if not hc.draining and self.worker.drain.drain_close():
             hc.start_drain()
         if not hc.codec.send_headers(self.stream_id, headers, end_stream):

@@ -110,6 +110,12 @@ def _count_response_code(cluster: Any, status: int) -> None:
     pair[1].value += 1
 
 
+def _learned(cluster: Any, host: Any) -> str | None:
+    from proxy.upstream.conn_pool_h2 import learned_protocol
+
+    return learned_protocol(cluster, host)
+
+
 def _is_internal(ip: str) -> bool:
     """Envoy's ``isInternalAddress``: RFC 1918, loopback, IPv6 unique-local."""
     try:
@@ -298,11 +304,15 @@ class RouterFilter:
         if end_stream:
             self.request_done_at = trio.current_time()
             self._arm_timeout()
-        if cluster.config.upstream_protocol == "http2":
+        protocol = cluster.config.upstream_protocol
+        if protocol != "http1" and (protocol == "http2" or _learned(cluster, host) != "http1"):
             from proxy.router.upstream_h2 import H2UpstreamRequest
 
             self.h2 = H2UpstreamRequest(self)
-            return await self.h2.decode_headers(headers, end_stream)
+            status = await self.h2.decode_headers(headers, end_stream)
+            if status is not None:
+                return status
+            self.h2 = None  # auto_config: ALPN chose HTTP/1.1; the connection waits there
         await self._send_headers(headers, end_stream)
         if end_stream:
             await self._run_response()
@@ -502,6 +512,19 @@ class RouterFilter:
                 self.wait_scope = None
         return None
 
+    def _connect_failed(self, exc: UpstreamConnectError) -> None:
+        """No connection for the attempt (either protocol): UF / connect timeout."""
+        self.cb.stream_info.upstream_transport_failure_reason = str(exc)
+        outcome = (
+            Outcome.UPSTREAM_CONNECT_TIMEOUT
+            if exc.reason == "connection_timeout"
+            else Outcome.UPSTREAM_CONNECT_FAILURE
+        )
+        host = self.host
+        if host is not None and host.outlier is not None:
+            host.outlier.put_result(CONNECT_FAILED)
+        self.failure = _UpstreamReset(outcome, remote=False)
+
     async def _send_headers(self, headers: HeaderMap, end_stream: bool) -> bool:
         """Take a connection and write the request head (and the buffered body of a retry);
         False when the attempt failed: ``self.failure`` says how."""
@@ -522,15 +545,7 @@ class RouterFilter:
                     self.failure = _UpstreamReset(Outcome.UPSTREAM_OVERFLOW)
                     return False
                 except UpstreamConnectError as exc:
-                    info.upstream_transport_failure_reason = str(exc)
-                    outcome = (
-                        Outcome.UPSTREAM_CONNECT_TIMEOUT
-                        if exc.reason == "connection_timeout"
-                        else Outcome.UPSTREAM_CONNECT_FAILURE
-                    )
-                    if host.outlier is not None:
-                        host.outlier.put_result(CONNECT_FAILED)
-                    self.failure = _UpstreamReset(outcome, remote=False)
+                    self._connect_failed(exc)
                     return False
                 if uc is None:  # the route timeout fired while we waited
                     self.failure = None
@@ -623,10 +638,11 @@ class RouterFilter:
         idle = self.cb.config.stream_idle_timeout
         if idle is not None and (self.timeout is None or self.timeout > idle):
             self.stream_idle = idle
+        h2 = self.h2  # HTTP/2 (upstream_h2.py) shares this loop; HTTP/1 tests it, no call
         try:
             while True:
                 try:
-                    if self.uc is None:
+                    if (self.uc if h2 is None else h2.stream) is None:
                         if self.buffer_overflowed and not self.timed_out:
                             self.response_done = True
                             await self.cb.send_outcome(Outcome.RETRY_BUFFER_OVERFLOW)
@@ -634,7 +650,10 @@ class RouterFilter:
                         if self.timed_out or self.failure is None:
                             raise _RouteTimeout
                         raise self.failure
-                    await self._relay_response()
+                    if h2 is None:
+                        await self._relay_response()
+                    else:
+                        await h2.relay()
                     break
                 except (_UpstreamReset, _RetryResponse) as failure:
                     if self.timed_out:
@@ -751,7 +770,8 @@ class RouterFilter:
             host = self.host
             if host is not None:
                 host.rq_timeout += 1
-                if host.outlier is not None and self.uc is not None:
+                attempt = self.uc if self.h2 is None else self.h2.stream
+                if host.outlier is not None and attempt is not None:
                     host.outlier.put_result(TIMEOUT)
         else:
             cb.hcm_stats.rq_idle_timeout.inc()
@@ -856,6 +876,8 @@ class RouterFilter:
         headers = ev.headers
         status = int(headers.get(":status") or 0)
         host = self.host
+        if host is not None and "x-envoy-immediate-health-check-fail" in headers:
+            cb.worker.immediate_health_check_fail(self.cluster, host)  # h1 and h2 paths
         if host is not None and host.outlier is not None:
             host.outlier.put_http_response_code(status)
         retry = self.retry
@@ -904,7 +926,8 @@ class RouterFilter:
             if outcome is Outcome.UPSTREAM_RESET_BEFORE_RESPONSE:
                 flag = ResponseFlag.UPSTREAM_CONNECTION_TERMINATION
             cb.stream_info.set_response_flag(flag)
-            cb.reset_stream("upstream_reset_after_response_started")
+            cb.reset_stream("upstream_reset_after_response_started" if self.h2 is None
+                            else f"upstream_reset_after_response_started{{{reset.reason}}}")
         elif outcome is Outcome.UPSTREAM_OVERFLOW and not self.config.suppress_envoy_headers:
             await cb.send_outcome(outcome, _OVERLOADED)
         else:

@@ -41,7 +41,7 @@ from proxy.http.codec.events import (
     Trailers,
 )
 from proxy.http.filter_manager import STOP_ITERATION, FilterStatus
-from proxy.stream_info import LOCAL_REPLIES, Outcome
+from proxy.stream_info import Outcome
 from proxy.upstream.conn_pool import UpstreamOverflow
 from proxy.upstream.conn_pool_h2 import (
     CONNECTION_TERMINATION,
@@ -50,10 +50,11 @@ from proxy.upstream.conn_pool_h2 import (
     REMOTE_RESET,
     H2UpstreamStream,
     UpstreamStreamReset,
+    UseHttp1,
     h2_pool_for,
 )
 from proxy.upstream.connect import UpstreamConnectError
-from proxy.upstream.outlier_detection import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT
+from proxy.upstream.outlier_detection import CONNECT_FAILED, CONNECT_SUCCESS
 
 if TYPE_CHECKING:
     from proxy.http.headers import HeaderMap
@@ -84,15 +85,17 @@ class H2UpstreamRequest:
             self.stream.wake()
 
     # -- request --------------------------------------------------------------------------
-    async def decode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterStatus:
+    async def decode_headers(self, headers: HeaderMap, end_stream: bool) -> FilterStatus | None:
+        """None: auto_config's ALPN put the host on HTTP/1.1 (the router takes it there)."""
         r = self.r
         cb = r.cb
-        await self._open(headers, end_stream)
+        if await self._open(headers, end_stream, first=True) is None:
+            return None
         self.replayable = end_stream
         if end_stream:
-            await self.run_response()
+            await r._run_response()
         else:
-            cb.start_task(self.run_response)
+            cb.start_task(r._run_response)
         return STOP_ITERATION
 
     async def _new_stream(self, headers: HeaderMap, end_stream: bool) -> H2UpstreamStream | None:
@@ -106,8 +109,10 @@ class H2UpstreamRequest:
                 r.wait_scope = None
         return None
 
-    async def _open(self, headers: HeaderMap, end_stream: bool) -> bool:
-        """Open the attempt's stream; False when it failed (``r.failure`` says how)."""
+    async def _open(self, headers: HeaderMap, end_stream: bool, first: bool = False) -> bool | None:
+        """Open the attempt's stream; False when it failed (``r.failure`` says how), None
+        when the first attempt's host turned out to speak HTTP/1.1 (auto_config; a retry's
+        attempt then fails as a connect failure: the request stays on HTTP/2)."""
         r = self.r
         cb = r.cb
         info = cb.stream_info
@@ -125,15 +130,10 @@ class H2UpstreamRequest:
             r.failure = _UpstreamReset(Outcome.UPSTREAM_OVERFLOW)
             return False
         except UpstreamConnectError as exc:
-            info.upstream_transport_failure_reason = str(exc)
-            outcome = (
-                Outcome.UPSTREAM_CONNECT_TIMEOUT
-                if exc.reason == "connection_timeout"
-                else Outcome.UPSTREAM_CONNECT_FAILURE
-            )
-            if host.outlier is not None:
-                host.outlier.put_result(CONNECT_FAILED)
-            r.failure = _UpstreamReset(outcome, remote=False)
+            if first and isinstance(exc, UseHttp1):
+                info.attempt_count -= 1  # the HTTP/1.1 path counts this attempt
+                return None
+            r._connect_failed(exc)
             return False
         if st is None:  # the route timeout fired while we waited
             r.failure = None
@@ -215,55 +215,23 @@ class H2UpstreamRequest:
         return STOP_ITERATION
 
     # -- response -------------------------------------------------------------------------
-    async def run_response(self) -> None:
-        from proxy.router.router import _RetryResponse, _RouteTimeout, _UpstreamReset
+    async def relay(self) -> None:
+        """The router's response loop (``RouterFilter._run_response``) relays through this:
+        the attempt's response, its resets mapped to the router's ``_UpstreamReset``."""
+        from proxy.router.router import _RouteTimeout, _UpstreamReset
 
         r = self.r
-        if r.request_done_at is not None:
-            r._arm_timeout()
-        idle = r.cb.config.stream_idle_timeout
-        if idle is not None and (r.timeout is None or r.timeout > idle):
-            r.stream_idle = idle
         try:
-            while True:
-                try:
-                    if self.stream is None:
-                        if r.buffer_overflowed and not r.timed_out:
-                            r.response_done = True
-                            await r.cb.send_outcome(Outcome.RETRY_BUFFER_OVERFLOW)
-                            break
-                        if r.timed_out or r.failure is None:
-                            raise _RouteTimeout
-                        raise r.failure
-                    try:
-                        await self._relay()
-                    except UpstreamStreamReset as reset:
-                        if r.timed_out:
-                            raise _RouteTimeout from None
-                        host = r.host
-                        if host is not None and host.outlier is not None:
-                            host.outlier.put_result(CONNECT_FAILED)
-                        outcome = _OUTCOMES.get(reset.reason,
-                                                Outcome.UPSTREAM_RESET_BEFORE_RESPONSE)
-                        raise _UpstreamReset(outcome, reset.detail,
-                                             remote=reset.reason != PROTOCOL_ERROR) from None
-                    break
-                except (_UpstreamReset, _RetryResponse) as failure:
-                    if r.timed_out:
-                        raise _RouteTimeout from None
-                    if await r._retry(failure):
-                        continue
-                    assert isinstance(failure, _UpstreamReset)
-                    await self._on_reset(failure)
-                    break
-        except _RouteTimeout:
-            await self._on_route_timeout()
-        finally:
-            r.response_done = True
-            if r.timer is not None:
-                r.timer.cancel()
-                r.timer = None
-            r._cancel_per_try()
+            await self._relay()
+        except UpstreamStreamReset as reset:
+            if r.timed_out:
+                raise _RouteTimeout from None
+            host = r.host
+            if host is not None and host.outlier is not None:
+                host.outlier.put_result(CONNECT_FAILED)
+            outcome = _OUTCOMES.get(reset.reason, Outcome.UPSTREAM_RESET_BEFORE_RESPONSE)
+            raise _UpstreamReset(outcome, reset.detail,
+                                 remote=reset.reason != PROTOCOL_ERROR) from None
 
     async def _relay(self) -> None:
         from proxy.router.router import _RouteTimeout
@@ -349,49 +317,6 @@ class H2UpstreamRequest:
         st, self.stream = self.stream, None
         if st is not None:
             st.reset_stream()
-
-    async def _on_route_timeout(self) -> None:
-        r = self.r
-        cb = r.cb
-        r.response_done = True
-        outcome = r.timeout_outcome
-        if outcome is Outcome.UPSTREAM_REQUEST_TIMEOUT:
-            r.cluster.cluster_stats.upstream_rq_timeout.inc()
-            host = r.host
-            if host is not None:
-                host.rq_timeout += 1
-                if host.outlier is not None and self.stream is not None:
-                    host.outlier.put_result(TIMEOUT)
-        else:
-            cb.hcm_stats.rq_idle_timeout.inc()
-        self.drop()
-        if r.response_started:
-            cb.stream_info.set_response_flag(LOCAL_REPLIES[outcome].flag)
-            cb.reset_stream(LOCAL_REPLIES[outcome].details)
-        else:
-            await cb.send_outcome(outcome)
-
-    async def _on_reset(self, reset: Any) -> None:
-        from proxy.router.router import _OVERLOADED
-
-        r = self.r
-        cb = r.cb
-        outcome = reset.outcome
-        if (r.host is not None and not r.response_started
-                and outcome is not Outcome.UPSTREAM_PER_TRY_TIMEOUT
-                and outcome is not Outcome.UPSTREAM_OVERFLOW):
-            r.host.rq_error += 1
-        self.drop()
-        r.response_done = True
-        if reset.detail:
-            cb.stream_info.upstream_transport_failure_reason = reset.detail
-        if r.response_started:
-            cb.stream_info.set_response_flag(LOCAL_REPLIES[outcome].flag)
-            cb.reset_stream(f"upstream_reset_after_response_started{{{reset.reason}}}")
-        elif outcome is Outcome.UPSTREAM_OVERFLOW and not r.config.suppress_envoy_headers:
-            await cb.send_outcome(outcome, _OVERLOADED)
-        else:
-            await cb.send_outcome(outcome)
 
     def on_destroy(self) -> None:
         st = self.stream

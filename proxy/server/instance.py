@@ -152,9 +152,11 @@ class Instance:
         from proxy.upstream.health_check_manager import HealthCheckManager
 
         self.health_checks = HealthCheckManager(snapshot.clusters, self.stats,
-                                                self._on_host_health)
+                                                self._on_host_health,
+                                                on_success=self._on_host_check_success)
+        # (op, args) for every worker, in order: host_health, host_check_success.
         self._health_send, self._health_receive = trio.open_memory_channel[
-            tuple[str, str, int, bool]](math.inf)
+            tuple[str, dict[str, Any]]](math.inf)
 
     # -- sockets ---------------------------------------------------------------------
     def listener_keys(self) -> list[str]:
@@ -264,7 +266,8 @@ class Instance:
             handle.process = proc
             assert proc.stdin is not None
             answers = trio.lowlevel.FdStream(answers_r)
-            channel = handle.channel = WorkerChannel(proc.stdin, answers)
+            channel = handle.channel = WorkerChannel(proc.stdin, answers,
+                                                     on_event=self._on_worker_event)
             async with trio.open_nursery() as n:
                 n.start_soon(channel.read_loop)
                 try:
@@ -311,12 +314,27 @@ class Instance:
 
     def _on_host_health(self, cluster: str, address: str, port: int, healthy: bool) -> None:
         """A checker saw a host's health change: queue it for every worker, in order."""
-        self._health_send.send_nowait((cluster, address, port, healthy))
+        self._health_send.send_nowait(("host_health", {
+            "cluster": cluster, "address": address, "port": port, "healthy": healthy}))
+
+    def _on_host_check_success(self, cluster: str, address: str, port: int) -> None:
+        """A healthy host passed a check: workers un-eject it if outlier detection had."""
+        self._health_send.send_nowait(("host_check_success", {
+            "cluster": cluster, "address": address, "port": port}))
+
+    def _on_worker_event(self, msg: dict[str, Any]) -> None:
+        """An unsolicited line from a worker (``worker_control``)."""
+        if msg.get("event") == "host_unhealthy":
+            # x-envoy-immediate-health-check-fail: a PASSIVE failure of the host's session;
+            # a change reaches every worker through _on_host_health.
+            self.health_checks.set_unhealthy(str(msg["cluster"]), str(msg["address"]),
+                                             int(msg["port"]))
+        else:
+            log.warning("unknown worker event %r", msg.get("event"))
 
     async def _send_host_health(self) -> None:
-        async for cluster, address, port, healthy in self._health_receive:
-            await self.worker_call("host_health", cluster=cluster, address=address, port=port,
-                                   healthy=healthy)
+        async for op, args in self._health_receive:
+            await self.worker_call(op, **args)
 
     async def _start_workers(self, nursery: trio.Nursery) -> None:
         """Start every worker at once (each costs an interpreter start and a config load:

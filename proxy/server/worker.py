@@ -35,7 +35,7 @@ from proxy.server.lifeline import watch_parent
 from proxy.server.logging_setup import set_log_level
 from proxy.server.stats_flush import WORKER_ROLE, flush_forever, open_slot
 from proxy.server.worker_context import WorkerContext
-from proxy.server.worker_control import LineSender, read_bootstrap, serve_commands
+from proxy.server.worker_control import LineSender, read_bootstrap, send_events, serve_commands
 
 log = logging.getLogger("trioxy.worker")
 
@@ -122,6 +122,17 @@ async def serve(
                     worker, stats, stats_writer, listener_scopes,
                     lambda: worker.drain.start_drain_sequence(drain_time_s, drain_strategy))
                 root.start_soon(serve_commands, control[0], sender, handlers)
+                events_in, events_out = trio.open_memory_channel[dict[str, Any]](1024)
+
+                def post_event(event: dict[str, Any]) -> None:
+                    try:
+                        events_in.send_nowait(event)
+                    except trio.WouldBlock:
+                        log.warning("worker %d: control events backed up; dropped %s",
+                                    index, event.get("event"))
+
+                worker.post_event = post_event
+                root.start_soon(send_events, events_out, sender)
             async with trio.open_nursery() as connections:
 
                 async def accept_one(al: ActiveTcpListener, scope: trio.CancelScope) -> None:
@@ -201,6 +212,11 @@ def _control_handlers(
     def host_health_snapshot(msg: dict[str, Any]) -> int:
         return _apply_host_health(worker, msg["clusters"])
 
+    def host_check_success(msg: dict[str, Any]) -> bool:
+        # An active health check of a healthy host passed: outlier detection un-ejects it
+        # (successful_active_health_check_uneject_host). True when it was ejected.
+        return _uneject_on_success(worker, msg["cluster"], msg["address"], int(msg["port"]))
+
     def clusters(msg: dict[str, Any]) -> list[dict[str, Any]]:
         return [
             {"name": c.name, "hosts": [_host_state(h) for h in c.hosts]}
@@ -216,7 +232,19 @@ def _control_handlers(
     return {"flush": flush, "stats": stats_, "health_check": health_check, "stop_accepting": stop_accepting,
             "drain": drain, "reset_counters": reset_counters, "log_level": log_level,
             "clusters": clusters, "host_health": host_health,
-            "host_health_snapshot": host_health_snapshot}
+            "host_health_snapshot": host_health_snapshot,
+            "host_check_success": host_check_success}
+
+
+def _uneject_on_success(worker: WorkerContext, name: str, address: str, port: int) -> bool:
+    cluster = worker.cluster_manager.get(name)
+    if cluster is None or cluster.outlier is None:
+        return False
+    for host in cluster.hosts:
+        if host.address == address and host.port == port and host.ejected and host.healthy:
+            cluster.outlier.on_health_check_success(host)
+            return not host.ejected
+    return False
 
 
 def _apply_host_health(worker: WorkerContext, clusters: dict[str, Any]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,9 @@ class WorkerContext:
     # drain closes them, having nothing in flight to finish.
     idle_connections: set[Any] = field(default_factory=set)
     timers: TimerWheel = field(default_factory=TimerWheel)
+    # Unsolicited events for the epoch's main process (a control event line); None when
+    # the worker runs without one (in-process tests).
+    post_event: Callable[[dict[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
         self.drain.on_drain(self._close_idle)
@@ -36,3 +40,16 @@ class WorkerContext:
     def _close_idle(self) -> None:
         for conn in list(self.idle_connections):
             conn.on_drain()
+
+    def immediate_health_check_fail(self, cluster: Any, host: Any) -> None:
+        """An upstream response carried ``x-envoy-immediate-health-check-fail``: with active
+        health checking, the host fails at once (Envoy's ``setUnhealthy(
+        ImmediateHealthCheckFail)``, a PASSIVE failure in the main process's checker, which
+        tells every worker). This worker stops using it now; without active health
+        checking the header means nothing."""
+        if cluster is None or not cluster.config.health_checks:
+            return
+        cluster.apply_health([(host.address, host.port, False)])
+        if self.post_event is not None:
+            self.post_event({"event": "host_unhealthy", "cluster": cluster.name,
+                             "address": host.address, "port": host.port})

@@ -5,7 +5,8 @@ it first sends the serialized bootstrap (``<length>\\n<bytes>``), then a second 
 state the worker needs before it accepts, e.g. host health), then JSON lines, one per
 command: ``{"seq": 7, "op": "flush"}``. Over stdout the worker answers ``READY`` once it
 accepts, then one JSON line per command: ``{"seq": 7, "ok": <result>}`` or
-``{"seq": 7, "error": "..."}``. This is how the admin API reaches state that only workers
+``{"seq": 7, "error": "..."}``. A worker may also send event lines of its own, unasked
+(``{"event": "host_unhealthy", ...}``: ``WorkerChannel(on_event=...)`` gets them). This is how the admin API reaches state that only workers
 hold (per-host counters, the health-check-failed flag, a fresh stats flush) without any
 shared lock: each worker answers from its own loop.
 
@@ -81,8 +82,10 @@ class _LineReader:
 class WorkerChannel:
     """The main process's end of one worker's control channel."""
 
-    def __init__(self, send: trio.abc.SendStream, receive: trio.abc.ReceiveStream) -> None:
+    def __init__(self, send: trio.abc.SendStream, receive: trio.abc.ReceiveStream,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._send = send
+        self._on_event = on_event
         self._receive = receive
         self._send_lock = trio.Lock()
         self._seq = 0
@@ -103,6 +106,9 @@ class WorkerChannel:
                     continue
                 try:
                     msg = json.loads(line)
+                    if isinstance(msg, dict) and "event" in msg:  # unsolicited
+                        self._event(msg)
+                        continue
                     waiter = self._pending.pop(int(msg["seq"]), None)
                 except (ValueError, KeyError, TypeError):
                     log.warning("worker sent a line that is not a control answer: %r", line[:200])
@@ -117,6 +123,14 @@ class WorkerChannel:
             for event, _ in self._pending.values():
                 event.set()
             self._pending.clear()
+
+    def _event(self, msg: dict[str, Any]) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(msg)
+        except Exception:  # a bad event must not end the channel
+            log.exception("worker event %r failed", msg.get("event"))
 
     async def call(self, op: str, wait_s: float = 2.0, **args: Any) -> Any:
         """Run ``op`` in the worker; its result, or raise ``ControlError``."""
@@ -164,6 +178,14 @@ class LineSender:
     async def send_all(self, data: bytes) -> None:
         async with self.lock:
             await self.stream.send_all(data)
+
+
+async def send_events(events: trio.abc.ReceiveChannel[dict[str, Any]],
+                      send: LineSender) -> None:
+    """The worker's end of event lines: each event on the answer pipe, in order."""
+    async for event in events:
+        data = json.dumps(event, separators=(",", ":"), default=_json_default) + "\n"
+        await send.send_all(data.encode())
 
 
 async def serve_commands(

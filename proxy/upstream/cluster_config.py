@@ -226,6 +226,7 @@ class ClusterConfig:
         threshold = _healthy_panic_threshold(cluster, path)
         if ctx.runtime is not None:
             threshold = min(100, ctx.runtime.get_int(RUNTIME_PANIC_THRESHOLD, threshold))
+        transport_socket = _transport_socket(cluster, ctx, path)
         return ClusterConfig(
             name=cluster.name,
             type=ctype,
@@ -245,10 +246,10 @@ class ClusterConfig:
             healthy_panic_threshold=threshold,
             cleanup_interval=cleanup_interval,
             original_dst=original_dst,
-            transport_socket=_transport_socket(cluster, ctx, path),
+            transport_socket=transport_socket,
             **_resilience(cluster, path),
             health_checks=_health_checks(cluster, ctype, ctx, path),
-            **_upstream_protocol(cluster, path),
+            **_upstream_protocol(cluster, path, transport_socket is not None),
         )
 
 
@@ -563,7 +564,7 @@ def _is_prime(n: int) -> bool:
     return all(n % d for d in range(3, math.isqrt(n) + 1, 2))
 
 
-def _upstream_protocol(cluster: Any, path: str) -> dict[str, Any]:
+def _upstream_protocol(cluster: Any, path: str, tls: bool) -> dict[str, Any]:
     """The upstream HTTP protocol: ``explicit_http_config`` (HTTP/1.1 or HTTP/2), the
     deprecated ``Cluster.http2_protocol_options``, or ``auto_config`` (ALPN: TLS only)."""
     from proxy.http.codec.h2 import Http2Options
@@ -591,12 +592,17 @@ def _upstream_protocol(cluster: Any, path: str) -> dict[str, Any]:
         return {}
     if which == "auto_config":
         apath = f"{tpath}.auto_config"
-        if not cluster.HasField("transport_socket"):
-            # Envoy's auto_config picks the protocol by ALPN; without TLS there is nothing
-            # to negotiate with, and guessing would be silently wrong.
+        if not tls:
+            # Envoy refuses it too ("ALPN configured for cluster ... which has a non-ALPN
+            # transport socket"): without TLS there is nothing to negotiate with.
             raise ConfigError(apath, "auto_config needs a TLS transport_socket (ALPN chooses h2"
                                      " or http/1.1); for a plaintext upstream use"
                                      " explicit_http_config")
-        # TODO(h2): ALPN-chosen protocol per connection (Envoy's mixed pool).
-        raise not_supported(apath, "auto_config (ALPN protocol selection)")
+        auto = msg.auto_config
+        options = Http2Options()
+        if auto.HasField("http2_protocol_options"):
+            options = Http2Options.from_proto(
+                auto.http2_protocol_options, f"{apath}.http2_protocol_options")
+        return {"upstream_protocol": "auto", "http2_options": options}
     return {}
+

@@ -53,6 +53,7 @@ _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 # announce it (Connection: close); a connection idle for less than this is not worth the
 # peek syscall, and the router's one-shot replay covers the rare miss.
 _TRUST_IDLE_S = 0.5
+_HTTP1_ALPN = ("http/1.1",)
 
 
 class UpstreamOverflow(Exception):
@@ -123,7 +124,7 @@ class _Waiter:
 
 class Http1ConnPool:
     __slots__ = ("host", "cluster", "idle", "idle_timeout", "max_requests", "connect_timeout",
-                 "max_duration", "timers", "waiters", "cx_count", "_sweep")
+                 "max_duration", "timers", "waiters", "cx_count", "_sweep", "alpn")
 
     def __init__(self, host: Host, cluster: ThreadLocalCluster, timers: Any = None) -> None:
         cfg = cluster.config
@@ -134,6 +135,9 @@ class Http1ConnPool:
         self.max_requests: int | None = cfg.max_requests_per_connection
         self.connect_timeout: float = cfg.connect_timeout
         self.max_duration: float | None = getattr(cfg, "max_connection_duration", None)
+        # auto_config: this pool serves the hosts ALPN put on HTTP/1.1; offer only that.
+        self.alpn: tuple[str, ...] | None = (
+            _HTTP1_ALPN if getattr(cfg, "upstream_protocol", "http1") == "auto" else None)
         self.timers = timers  # the worker's TimerWheel (None: idle connections age lazily)
         self.waiters: deque[_Waiter] = deque()
         self.cx_count = 0  # this host's connections, connecting or open
@@ -213,7 +217,8 @@ class Http1ConnPool:
         resources.connections.inc()
         self.cx_count += 1
         try:
-            stream = await connect_upstream(self.host, self.connect_timeout, cluster=self.cluster)
+            stream = await connect_upstream(self.host, self.connect_timeout, cluster=self.cluster,
+                                            alpn_protocols=self.alpn)
         except BaseException as exc:
             resources.connections.dec()
             self.cx_count -= 1
@@ -226,10 +231,23 @@ class Http1ConnPool:
                 self.host.cx_connect_fail += 1
             raise
         stats.upstream_cx_active.inc()
+        if self.alpn is not None:
+            self.cluster.stats.counter("upstream_cx_http1_total").inc()
         self.host.cx_active += 1
         uc = UpstreamConnection(stream, self.host, self)
         uc.resources = resources
         return uc
+
+    def adopt(self, stream: Any, resources: ResourceManager) -> None:
+        """auto_config: a connection the HTTP/2 pool opened (its ``upstream_cx_total`` and
+        connection slot already counted) on which ALPN chose HTTP/1.1."""
+        self.cx_count += 1
+        self.cluster.cluster_stats.upstream_cx_active.inc()
+        self.cluster.stats.counter("upstream_cx_http1_total").inc()
+        self.host.cx_active += 1
+        uc = UpstreamConnection(stream, self.host, self)
+        uc.resources = resources
+        self._give(uc)
 
     # -- giving it back -------------------------------------------------------------------
     def release(self, uc: UpstreamConnection) -> None:

@@ -40,7 +40,12 @@ from proxy.http.codec.events import CodecError, Data, GoAway, LocalProtocolError
 from proxy.http.codec.h2 import NO_ERROR, REFUSED_STREAM, Http2ClientCodec, Http2Options
 from proxy.network import fast_io
 from proxy.upstream.conn_pool import UpstreamOverflow
-from proxy.upstream.connect import UpstreamConnectError, connect_upstream, io_socket
+from proxy.upstream.connect import (
+    UpstreamConnectError,
+    connect_upstream,
+    io_socket,
+    negotiated_protocol,
+)
 
 if TYPE_CHECKING:
     from proxy.http.headers import HeaderMap
@@ -58,6 +63,20 @@ CONNECTION_TERMINATION = "connection_termination"
 REMOTE_RESET = "remote_reset"
 REMOTE_REFUSED_STREAM_RESET = "remote_refused_stream_reset"
 PROTOCOL_ERROR = "protocol_error"
+
+# auto_config (Envoy's mixed pool): what a TLS context without alpn_protocols offers.
+AUTO_ALPN = ("h2", "http/1.1")
+
+
+class UseHttp1(UpstreamConnectError):
+    """auto_config: the host did not negotiate h2; its connection went to the HTTP/1.1 pool
+    (``learned_protocol`` now says "http1") and the request should follow it there."""
+
+
+def learned_protocol(cluster: ThreadLocalCluster, host: Host) -> str | None:
+    """auto_config: what ALPN chose on the host's last connection ("http2" / "http1"),
+    None before its first (Envoy caches the protocol per host the same way)."""
+    return cluster.pools.get(("alpn", host.address, host.port))  # type: ignore[no-any-return]
 
 
 class UpstreamStreamReset(Exception):
@@ -210,12 +229,14 @@ class H2UpstreamConnection:
         try:
             try:
                 self.stream = await connect_upstream(
-                    self.host, pool.connect_timeout, cluster=pool.cluster)
+                    self.host, pool.connect_timeout, cluster=pool.cluster, alpn_protocols=pool.alpn)
             except UpstreamConnectError as exc:
                 self.error = exc
                 pool.on_connect_failed(self, exc)
                 self.ready.set()
                 return
+            if pool.alpn is not None and not pool.on_alpn(self):
+                return  # HTTP/1.1: handed to that pool
             self.sock = io_socket(self.stream)
             self.ssl_info = getattr(self.stream, "info", None)
             try:
@@ -418,6 +439,11 @@ class Http2ConnPool:
         self.options: Http2Options = cfg.http2_options or Http2Options()
         self.idle_timeout: float | None = cfg.idle_timeout
         self.connect_timeout: float = cfg.connect_timeout
+        # auto_config: offer h2 and http/1.1 (the TLS context's own list if it has one);
+        # the first connection's ALPN result decides this host's protocol.
+        self.alpn: tuple[str, ...] | None = None
+        if cfg.upstream_protocol == "auto":
+            self.alpn = tuple(getattr(cfg.transport_socket, "alpn_protocols", ())) or AUTO_ALPN
         self.conns: list[H2UpstreamConnection] = []
         self.stats_cx_http2_total = cluster.stats.counter("upstream_cx_http2_total")
         self._room: trio.Event | None = None  # set when streams waiting for room may retry
@@ -498,12 +524,35 @@ class Http2ConnPool:
         self.conns.append(uc)
         stats = self.cluster.cluster_stats
         stats.upstream_cx_total.inc()
-        self.stats_cx_http2_total.inc()
+        if self.alpn is None:
+            self.stats_cx_http2_total.inc()  # auto_config: once ALPN said h2 (on_alpn)
         self.host.cx_total += 1
         trio.lowlevel.spawn_system_task(uc.run, name=f"h2 upstream {self.host.address_string}")
         return uc
 
     # -- connection events ----------------------------------------------------------------
+    def on_alpn(self, uc: H2UpstreamConnection) -> bool:
+        """auto_config: True when the upstream chose h2; otherwise (http/1.1, or no ALPN:
+        Envoy falls back to HTTP/1.1) the connected stream, with its connection slot, goes
+        to the host's HTTP/1.1 pool and the streams waiting on ``uc`` get ``UseHttp1``."""
+        cluster = self.cluster
+        key = ("alpn", self.host.address, self.host.port)
+        if negotiated_protocol(uc.stream) == "h2":
+            cluster.pools[key] = "http2"
+            self.stats_cx_http2_total.inc()
+            return True
+        from proxy.upstream.conn_pool import pool_for
+
+        cluster.pools[key] = "http1"
+        if uc in self.conns:
+            self.conns.remove(uc)
+        stream, uc.stream = uc.stream, None
+        pool_for(cluster, self.host, self.timers).adopt(stream, uc.resources)
+        uc.error = UseHttp1("connection_failure", "ALPN chose http/1.1", tls=False)
+        uc.ready.set()
+        self._has_room()
+        return False
+
     def on_connected(self, uc: H2UpstreamConnection) -> None:
         self.cluster.cluster_stats.upstream_cx_active.inc()
         self.host.cx_active += 1
@@ -549,6 +598,7 @@ def h2_pool_for(cluster: ThreadLocalCluster, host: Host, timers: Any) -> Http2Co
 
 
 __all__ = [
+    "AUTO_ALPN",
     "CONNECTION_TERMINATION",
     "PROTOCOL_ERROR",
     "REMOTE_REFUSED_STREAM_RESET",
@@ -557,5 +607,7 @@ __all__ = [
     "H2UpstreamStream",
     "Http2ConnPool",
     "UpstreamStreamReset",
+    "UseHttp1",
     "h2_pool_for",
+    "learned_protocol",
 ]

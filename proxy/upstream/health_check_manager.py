@@ -19,7 +19,14 @@ Theory of operation
    with ``reuse_connection`` (Envoy's default) unless the peer closes them; a timeout, an
    error or ``Connection: close`` drops the connection. TLS clusters are checked over TLS
    (``tls_options.alpn_protocols`` overrides the ALPN list).
-5. "Traffic seen" (for ``no_traffic_interval``) is a latch per cluster set by ``note_traffic``
+5. A worker that proxies a response carrying ``x-envoy-immediate-health-check-fail`` tells
+   the main process (a control event); ``HealthCheckManager.set_unhealthy`` fails the host's
+   session at once as a PASSIVE failure (``health_check.passive_failure``), without moving its
+   timer, and the change goes out like any other.
+6. A passing check of a host that is healthy calls ``on_success(cluster, address, port)``
+   for clusters with outlier detection and ``successful_active_health_check_uneject_host``
+   (Envoy's default): the epoch tells the workers, whose detectors un-eject the host.
+7. "Traffic seen" (for ``no_traffic_interval``) is a latch per cluster set by ``note_traffic``
    from the summed stats the epoch reads every stats interval (``upstream_cx_total``,
    ``upstream_cx_tx_bytes_total`` or ``upstream_cx_rx_bytes_total`` above zero), Envoy's
    ``used()`` test; until then the no-traffic intervals apply.
@@ -75,6 +82,7 @@ READ_SIZE = 65536
 TRAFFIC_STATS = ("upstream_cx_total", "upstream_cx_tx_bytes_total", "upstream_cx_rx_bytes_total")
 
 OnChange = Callable[[str, str, int, bool], None]
+OnSuccess = Callable[[str, str, int], None]
 
 
 class _NetworkError(Exception):
@@ -360,8 +368,8 @@ class ClusterHealthChecker:
     def __init__(self, cluster: ClusterConfig, store: Store, on_change: OnChange,
                  rng: random.Random | None = None,
                  traffic_seen: Callable[[], bool] = lambda: True,
-                 probe_factory: Callable[[ClusterHealthChecker, Host], Probe] | None = None
-                 ) -> None:
+                 probe_factory: Callable[[ClusterHealthChecker, Host], Probe] | None = None,
+                 on_success: OnSuccess | None = None) -> None:
         self.cluster = cluster
         self.name = cluster.name
         self.config: HealthCheckConfig = cluster.health_checks[0]
@@ -372,6 +380,10 @@ class ClusterHealthChecker:
         self.stats = HealthCheckerStats(scope)
         self.policy = HealthCheckerPolicy(self.config, self.stats, rng, traffic_seen)
         self.on_change = on_change
+        # Un-ejecting hosts on a passing check: only where outlier detection would care.
+        od = cluster.outlier_detection
+        self.on_success = (on_success if od is not None
+                           and od.successful_active_health_check_uneject_host else None)
         self._probe_factory = probe_factory or _PROBES[type(self.config.check)]
         self.members: dict[tuple[str, int], _Member] = {}
         for spec in cluster.endpoints:
@@ -447,13 +459,30 @@ class ClusterHealthChecker:
                      "healthy" if session.healthy else "unhealthy",
                      "" if result.success else f" ({result.detail})")
             self.on_change(self.name, host.address, host.port, session.healthy)
+        if result.success and session.healthy and self.on_success is not None:
+            self.on_success(self.name, host.address, host.port)
+
+    def set_unhealthy(self, address: str, port: int) -> bool:
+        """A passive failure (``x-envoy-immediate-health-check-fail`` seen by a worker):
+        the host fails at once, its timer left as it is. False for an unknown host."""
+        member = self.members.get((address, port))
+        if member is None:
+            return False
+        session = member.session
+        was = session.healthy
+        session.set_unhealthy(FailureType.PASSIVE)
+        if was and not session.healthy:
+            log.info("cluster %s: host %s is now unhealthy (immediate health check fail)",
+                     self.name, member.host.address_string)
+            self.on_change(self.name, address, port, False)
+        return True
 
 
 class HealthCheckManager:
     """The epoch's active health checkers, by cluster name."""
 
     def __init__(self, clusters: Mapping[str, ClusterConfig], store: Store, on_change: OnChange,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, on_success: OnSuccess | None = None) -> None:
         self._rng = rng if rng is not None else random.Random()
         self.traffic: dict[str, bool] = {}
         self.checkers: dict[str, ClusterHealthChecker] = {}
@@ -462,10 +491,16 @@ class HealthCheckManager:
                 self.traffic[name] = False
                 self.checkers[name] = ClusterHealthChecker(
                     cfg, store, on_change, self._rng,
-                    traffic_seen=lambda n=name: self.traffic[n])  # type: ignore[misc]
+                    traffic_seen=lambda n=name: self.traffic[n],  # type: ignore[misc]
+                    on_success=on_success)
 
     def __bool__(self) -> bool:
         return bool(self.checkers)
+
+    def set_unhealthy(self, cluster: str, address: str, port: int) -> bool:
+        """A worker saw ``x-envoy-immediate-health-check-fail`` from this host."""
+        checker = self.checkers.get(cluster)
+        return checker is not None and checker.set_unhealthy(address, port)
 
     def snapshot(self) -> dict[str, list[list[Any]]]:
         """Every checked host's health, by cluster (the ``host_health_snapshot`` op)."""

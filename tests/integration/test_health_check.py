@@ -36,6 +36,7 @@ class FlipUpstream:
         self.health = "ok"
         self.tcp = "ok"
         self.served = 0
+        self.immediate_fail = False  # x-envoy-immediate-health-check-fail on responses
         self.health_checks = 0
         self.lock = threading.Lock()
         threading.Thread(target=self._serve, daemon=True).start()
@@ -80,7 +81,10 @@ class FlipUpstream:
                 with self.lock:
                     self.served += 1
                 body = b"%d\n" % self.port
-                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                extra = (b"x-envoy-immediate-health-check-fail: true\r\n"
+                         if self.immediate_fail else b"")
+                c.sendall(b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s"
+                          % (extra, len(body), body))
         except OSError:
             pass
         finally:
@@ -354,3 +358,30 @@ def test_grpc_check(start_trioxy, tmp_path: Path) -> None:
         assert counter(admin, "cluster.backend.health_check.failure") >= 1
     finally:
         server.stop(0)
+
+
+def test_immediate_health_check_fail_header_is_a_passive_failure(start_trioxy, ups,
+                                                                  tmp_path: Path) -> None:
+    """A response with x-envoy-immediate-health-check-fail fails its host at once (a PASSIVE
+    failure in the main process's checker), in every worker, until checks pass again."""
+    a, b = ups[0], ups[1]
+    listen, admin = free_port(), free_port()
+    # Slow checks: after the first round, nothing but the header can take A out.
+    yaml = config(listen, admin, tmp_path / "access.log", [a.port, b.port], HTTP_CHECK).replace(
+        "interval: 0.2s\n      no_traffic_interval: 0.2s",
+        "interval: 60s\n      no_traffic_interval: 60s")
+    start(start_trioxy, yaml, listen, BASE + 6)
+    assert health_flags(admin) == {a.port: "healthy", b.port: "healthy"}
+    a.immediate_fail = True
+    for _ in range(50):  # until a request reaches A (round robin: the first few)
+        assert get(listen, 1) == [200]
+        if a.served:
+            break
+    assert a.served == 1
+    wait_until(lambda: counter(admin, "cluster.backend.membership_healthy") == 2,
+               what="A out of the balancer in both workers")
+    assert health_flags(admin) == {a.port: "/failed_active_hc", b.port: "healthy"}
+    assert counter(admin, "cluster.backend.health_check.passive_failure") == 1
+    assert counter(admin, "cluster.backend.health_check.healthy") == 1
+    assert get(listen, 20) == [200] * 20
+    assert a.served == 1  # every worker left A out

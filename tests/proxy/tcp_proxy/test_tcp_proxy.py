@@ -12,6 +12,7 @@ import sys
 import time
 import types
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -657,3 +658,40 @@ async def test_relay_throughput(engine: str) -> None:
     assert received == size
     print(f"\n{engine:9s} {size >> 20} MiB: {size / wall / 1e6:7.0f} MB/s, "
           f"proxy+sink CPU {cpu:.2f} s")
+
+
+def _file_log(path: Path) -> list[dict[str, Any]]:
+    return [{"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        "path": str(path),
+        "log_format": {"text_format_source": {
+            "inline_string": "%RESPONSE_FLAGS% %UPSTREAM_CLUSTER% %CONNECTION_TERMINATION_DETAILS%\n"}}}}]
+
+
+@pytest.mark.parametrize(("settings", "want"), [
+    ({"cluster": "u", "max_downstream_connection_duration": "0.2s"},
+     "DT u max_connection_duration_reached"),
+    ({"cluster": "gone"}, "NC - tcp_initializion_failure:3"),
+])
+async def test_dt_and_nc_in_a_file_access_log(tmp_path: Path, settings: dict[str, Any],
+                                              want: str) -> None:
+    """DT and NC as a file access log writes them (%RESPONSE_FLAGS%)."""
+    from proxy.access_log import file_sink
+
+    log = tmp_path / "tcp.log"
+    async with trio.open_nursery() as nursery:
+        up = await serve_upstream(nursery, echo)
+        worker = await make_worker(nursery, {"u": [("127.0.0.1", up)]})
+        cfg = config_from({"stat_prefix": "d", **settings, "access_log": _file_log(log)})
+        port = await start_proxy(nursery, cfg, worker)
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(3):
+            assert await receive_all(client) == b""
+            for _ in range(150):
+                file_sink.flush_all(2.0)
+                if log.exists() and log.read_text():
+                    break
+                await trio.sleep(0.02)
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+    assert log.read_text().splitlines() == [want]

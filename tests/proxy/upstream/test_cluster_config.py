@@ -401,3 +401,20 @@ static_resources:
         build_snapshot(load_bootstrap(None, yaml))
     assert info.value.path == ("static_resources.clusters[1].load_assignment.endpoints[0]"
                                ".lb_endpoints[0].endpoint.address.socket_address.address")
+
+
+def test_auto_config_over_tls() -> None:
+    """auto_config: ALPN picks HTTP/2 or HTTP/1.1 per host; TLS only, as Envoy."""
+    tls = {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+                 "UpstreamTlsContext"}}
+    auto = {HTTP_PROTOCOL_OPTIONS_KEY: {"@type": HPO_TYPE, "auto_config": {
+        "http2_protocol_options": {"max_concurrent_streams": 7}}}}
+    cfg = compile_cluster(cluster(transport_socket=tls, typed_extension_protocol_options=auto))
+    assert cfg.upstream_protocol == "auto"
+    assert cfg.http2_options.max_concurrent_streams == 7
+    raw = {"name": "envoy.transport_sockets.raw_buffer", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3."
+                 "RawBuffer"}}
+    err = refused(cluster(transport_socket=raw, typed_extension_protocol_options=auto))
+    assert err.path.endswith(".auto_config")

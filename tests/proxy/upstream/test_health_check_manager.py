@@ -132,6 +132,59 @@ async def test_manager_snapshot_and_traffic_latch(autojump_clock: Any) -> None:
     assert not HealthCheckManager({"plain": plain}, Store(), lambda *a: None)
 
 
+async def test_passive_failure_takes_a_host_out_at_once(autojump_clock: Any) -> None:
+    Scripted.scripts = {1: [OK], 2: [OK]}
+    changes: list[tuple[float, int, bool]] = []
+    store = Store()
+    mgr = HealthCheckManager({"backend": cluster(1, 2)}, store,
+                             lambda c, a, p, h: changes.append((trio.current_time(), p, h)),
+                             random.Random(0))
+    mgr.checkers["backend"]._probe_factory = Scripted
+    start = trio.current_time()
+    async with trio.open_nursery() as n:
+        await n.start(mgr.run)
+        await trio.sleep(15)  # checks at 0 and 10
+        # x-envoy-immediate-health-check-fail, as a worker reports it.
+        assert mgr.set_unhealthy("backend", "127.0.0.1", 1)
+        assert not mgr.set_unhealthy("backend", "127.0.0.1", 9)
+        assert not mgr.set_unhealthy("nope", "127.0.0.1", 1)
+        assert mgr.set_unhealthy("backend", "127.0.0.1", 1)  # already out: no new change
+        assert mgr.snapshot() == {"backend": [["127.0.0.1", 1, False], ["127.0.0.1", 2, True]]}
+        await trio.sleep(20)  # its timer did not move: checks at 20, 30 (healthy_threshold 2)
+        n.cancel_scope.cancel()
+    rel = [(round(t - start), p, h) for t, p, h in changes]
+    assert sorted(rel) == [(0, 1, True), (0, 2, True), (15, 1, False), (30, 1, True)]
+    assert store.counters["cluster.backend.health_check.passive_failure"].value == 2
+    assert store.counters["cluster.backend.health_check.failure"].value == 2
+
+
+async def test_passing_checks_of_healthy_hosts_may_uneject(autojump_clock: Any) -> None:
+    from proxy.upstream.outlier_detection import OutlierDetectionConfig
+
+    Scripted.scripts = {1: [OK], 2: [ACTIVE]}
+    passed: list[tuple[str, str, int]] = []
+    base = cluster(1, 2)
+    configs = {
+        "od": ClusterConfig(name="od", endpoints=base.endpoints, health_checks=base.health_checks,
+                            outlier_detection=OutlierDetectionConfig()),
+        "off": ClusterConfig(name="off", endpoints=base.endpoints,
+                             health_checks=base.health_checks,
+                             outlier_detection=OutlierDetectionConfig(
+                                 successful_active_health_check_uneject_host=False)),
+        "none": ClusterConfig(name="none", endpoints=base.endpoints,
+                              health_checks=base.health_checks)}
+    mgr = HealthCheckManager(configs, Store(), lambda *a: None, random.Random(0),
+                             on_success=lambda *a: passed.append(a))
+    for c in mgr.checkers.values():
+        c._probe_factory = Scripted
+    async with trio.open_nursery() as n:
+        await n.start(mgr.run)
+        await trio.sleep(25)  # checks at 0, 10, 20
+        n.cancel_scope.cancel()
+    # Only outlier-detecting clusters that un-eject, only the host that passes, every check.
+    assert passed == [("od", "127.0.0.1", 1)] * 3
+
+
 # ----------------------------------------------------------------------------- real sockets
 async def serve(handler: Any, nursery: trio.Nursery) -> int:
     listeners = await nursery.start(trio.serve_tcp, handler, 0)
