@@ -30,9 +30,10 @@ import struct
 MAGIC = b"TRIOXYST"
 LAYOUT_VERSION = 3  # 1: first layout; 2: + the agent's region; 3: slot table, NAME_LEN 120
 
-# Regions: an epoch uses region ``epoch % EPOCH_REGIONS`` (at most three epochs live at
-# once, so a region is reused only after its previous epoch is dead); the last region is
-# the agent's. Slot 0 of a region is its main process, slots 1..64 its workers.
+# Regions: an epoch uses region ``epoch % EPOCH_REGIONS``, or the next one no live process
+# holds (epoch numbers skip when a starting epoch is killed, so N and N+4 can both live; at
+# most three epochs live at once, so a free region always exists); the last region is the
+# agent's. Slot 0 of a region is its main process, slots 1..64 its workers.
 EPOCH_REGIONS = 4
 AGENT_REGION = EPOCH_REGIONS
 REGIONS = EPOCH_REGIONS + 1

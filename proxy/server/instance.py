@@ -240,6 +240,8 @@ class Instance:
             str(self.options.restart_epoch),
             "--stats-slot",
             str(index + 1 if self.stats_writer is not None else -1),
+            "--stats-region",
+            str(self.stats_writer.region if self.stats_writer is not None else -1),
         ]
         for li, s in enumerate(self.sockets):
             argv += ["--listen-fd", f"{li}={s.fileno()}"]

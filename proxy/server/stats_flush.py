@@ -25,16 +25,35 @@ MAIN_ROLE, WORKER_ROLE, AGENT_ROLE = 0, 1, 2
 
 
 def open_slot(base_id: int, epoch: int, slot: int, role: int, worker_index: int,
-              create: bool) -> Any:
-    """A claimed ``SlotWriter`` for this process, or None when stats cannot be shared."""
+              create: bool, region: int | None = None) -> Any:
+    """A claimed ``SlotWriter`` for this process, or None when stats cannot be shared.
+
+    An epoch's main process (``region`` None) takes region ``epoch % EPOCH_REGIONS`` unless a
+    live process holds it, then the next free one: epoch numbers skip when a starting epoch
+    is killed, so epoch N and N+4 can both be alive (one draining). At most three epochs
+    live, so one of the four regions is always free. Workers are told their epoch's region
+    (``writer.region``)."""
     from shm.segment import AGENT_REGION, EPOCH_REGIONS, Segment, SegmentError, SlotWriter
 
     try:
         seg = Segment.open(base_id, create=create, reclaim_stale=create)
-        region = AGENT_REGION if role == AGENT_ROLE else epoch % EPOCH_REGIONS
-        writer = SlotWriter(seg, region, slot)
-        writer.claim(os.getpid(), epoch, role, worker_index)
-        return writer
+        if role == AGENT_ROLE:
+            candidates = [AGENT_REGION]
+        elif region is not None:
+            candidates = [region]
+        else:
+            candidates = [(epoch + k) % EPOCH_REGIONS for k in range(EPOCH_REGIONS)]
+        last: Exception | None = None
+        for r in candidates:
+            writer = SlotWriter(seg, r, slot)
+            try:
+                writer.claim(os.getpid(), epoch, role, worker_index)
+            except SegmentError as exc:
+                last = exc
+                continue
+            return writer
+        assert last is not None
+        raise last
     except (SegmentError, OSError) as exc:
         log.error("stats are not shared (trioxy stats will not see this process): %s", exc)
         return None

@@ -53,6 +53,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--base-id", type=int, default=0)
     p.add_argument("--epoch", type=int, default=0)
     p.add_argument("--stats-slot", type=int, default=-1, help="shared-memory slot; -1: none")
+    p.add_argument("--stats-region", type=int, default=-1,
+                   help="the epoch's shared-memory region (chosen by the main process)")
     p.add_argument("--control-fd", type=int, default=1, help="where READY and answers go")
     return p.parse_args(argv)
 
@@ -288,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     writer = None
     if args.stats_slot >= 0:
         writer = open_slot(args.base_id, args.epoch, args.stats_slot, WORKER_ROLE, args.index,
-                           create=False)
+                           create=False,
+                           region=args.stats_region if args.stats_region >= 0 else None)
 
     async def run() -> None:
         # The command pipes: stdin (after the bootstrap) and stdout. Log lines go to stderr.

@@ -327,3 +327,20 @@ def test_flush_cost(base_id: int) -> None:
           f"2000 counters: {counters_only * 1e6:.0f} us; read_stats of 4000 stats: "
           f"{read * 1e3:.1f} ms")
     assert read_stats(seg).counters["cluster.c5.upstream_rq_total"] == 5
+
+
+def test_an_epoch_whose_region_a_live_epoch_holds_takes_a_free_one(base_id: int) -> None:
+    """Epoch numbers skip when a starting epoch is killed: epoch 5 can start while epoch 1
+    (same region, 5 % 4) still drains. It must not lose its stats to that clash."""
+    from proxy.server.stats_flush import MAIN_ROLE, WORKER_ROLE, open_slot
+    from shm.segment import SlotWriter
+
+    seg = Segment.open(base_id, create=True)
+    try:
+        SlotWriter(seg, 1, 0).claim(1, 1, MAIN_ROLE, 0)  # pid 1 is alive: epoch 1 drains
+        main = open_slot(base_id, 5, 0, MAIN_ROLE, 0, create=True)
+        assert main is not None and main.region == 2
+        worker = open_slot(base_id, 5, 1, WORKER_ROLE, 0, create=False, region=main.region)
+        assert worker is not None and worker.region == 2
+    finally:
+        seg.close()
