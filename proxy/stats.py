@@ -89,6 +89,14 @@ class Store:
     def scope(self, prefix: str) -> Scope:
         return Scope(self, prefix)
 
+    def as_data(self) -> dict[str, dict[str, object]]:
+        """Plain data (JSON-able): what a worker's ``stats`` control op answers, and what
+        the main process sums without shared memory."""
+        return {"counters": {n: c.value for n, c in self.counters.items()},
+                "gauges": {n: g.value for n, g in self.gauges.items()},
+                "histograms": {n: (list(h.counts), h.sum, h.count)
+                               for n, h in self.histograms.items()}}
+
 
 class Scope:
     """A name prefix over a store (``cluster.backend.``)."""

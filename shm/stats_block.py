@@ -187,6 +187,11 @@ class Stats:
     overflow: int = 0  # stats that did not fit in their slot (summed over slots)
 
 
+def add_histograms(a: HistValue, b: HistValue) -> HistValue:
+    """Two (bucket counts, sum, count) of the same bounds, summed."""
+    return ([x + y for x, y in zip(a[0], b[0], strict=True)], a[1] + b[1], a[2] + b[2])
+
+
 def read_stats(segment: Segment, *, alive: Any = pid_alive) -> Stats:
     """Sum every slot: counters and histograms over every slot ever used (dead or alive),
     gauges over slots whose process is alive (a gauge only dead processes had is listed
@@ -218,13 +223,7 @@ def read_stats(segment: Segment, *, alive: Any = pid_alive) -> Stats:
                     gauges[name] = gauges.get(name, 0) + value
             else:
                 prev = histograms.get(name)
-                if prev is None:
-                    histograms[name] = value
-                else:
-                    histograms[name] = (
-                        [a + b for a, b in zip(prev[0], value[0], strict=True)],
-                        prev[1] + value[1], prev[2] + value[2],
-                    )
+                histograms[name] = value if prev is None else add_histograms(prev, value)
     for name, (_, value) in newest_server.items():
         gauges[name] = value
     if connections:

@@ -448,7 +448,7 @@ class Instance:
         return answers
 
     async def current_stats(self) -> Any:
-        from shm.stats_block import Stats, read_stats
+        from shm.stats_block import Stats, add_histograms, read_stats
 
         self._server_gauges()
         if self.stats_writer is not None:
@@ -457,7 +457,7 @@ class Instance:
             return await trio.to_thread.run_sync(read_stats, self.stats_writer.seg)
         # No shared memory (--disable-hot-restart): this epoch's live processes only.
         out = Stats()
-        stores = [_store_dict(self.stats), *(await self.worker_call("stats")).values()]
+        stores = [self.stats.as_data(), *(await self.worker_call("stats")).values()]
         for d in stores:
             for name, v in d["counters"].items():
                 out.counters[name] = out.counters.get(name, 0) + v
@@ -465,9 +465,8 @@ class Instance:
                 out.gauges[name] = out.gauges.get(name, 0) + v
             for name, (counts, total, n) in d["histograms"].items():
                 prev = out.histograms.get(name)
-                out.histograms[name] = (counts, total, n) if prev is None else (
-                    [a + b for a, b in zip(prev[0], counts, strict=True)], prev[1] + total,
-                    prev[2] + n)
+                value = (list(counts), total, n)
+                out.histograms[name] = value if prev is None else add_histograms(prev, value)
         return out
 
     def histogram_interval(self) -> Any:
@@ -680,14 +679,6 @@ class Instance:
                 if self.parent is not None:
                     self.parent.close()
         return self.exit_code
-
-
-def _store_dict(store: Store) -> dict[str, Any]:
-    """A Store as plain data (the worker ``stats`` op answers the same shape)."""
-    return {"counters": {n: c.value for n, c in store.counters.items()},
-            "gauges": {n: g.value for n, g in store.gauges.items()},
-            "histograms": {n: (list(h.counts), h.sum, h.count)
-                           for n, h in store.histograms.items()}}
 
 
 def serve(options: Options, snapshot: Any, bootstrap: Any) -> int:

@@ -226,10 +226,7 @@ def _control_handlers(
         ]
 
     def stats_(msg: dict[str, Any]) -> dict[str, Any]:
-        return {"counters": {n: c.value for n, c in stats.counters.items()},
-                "gauges": {n: g.value for n, g in stats.gauges.items()},
-                "histograms": {n: (list(h.counts), h.sum, h.count)
-                               for n, h in stats.histograms.items()}}
+        return stats.as_data()
 
     return {"flush": flush, "stats": stats_, "health_check": health_check, "stop_accepting": stop_accepting,
             "drain": drain, "reset_counters": reset_counters, "log_level": log_level,
